@@ -1,0 +1,119 @@
+#pragma once
+/// @file gemm.hpp
+/// @brief GEMM on row-major data through Eigen products over maps (no copies).
+///
+/// c (M, N) = alpha * op(a) * op(b) + beta * c, with op(x) = x or x^T. `gemm_serial` runs on the calling
+/// thread and is the building block of parallel regions; `gemm` splits the output across the context's
+/// threads along its larger dimension (rows when M is large, column slabs when M is small, as in decoding),
+/// with a fixed partition so results depend only on the thread count.
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "tmoe/backend/cpu/context.hpp"
+#include "tmoe/backend/cpu/eigen_map.hpp"
+#include "tmoe/core/error.hpp"
+#include "tmoe/core/tensor_view.hpp"
+
+namespace tmoe {
+
+/// Whether a GEMM operand is used as stored or transposed.
+enum class Trans { kN, kT };
+
+namespace backend::cpu {
+
+/// A row-major matrix operand: pointer, stored extents and leading dimension.
+template <class S>
+struct MatrixRef {
+  S* data;
+  std::int64_t rows, cols, ld;
+};
+
+/// c = alpha * op(a) op(b) + beta * c on the calling thread. Shapes are trusted.
+template <class S>
+void gemm_serial(MatrixRef<S> c, MatrixRef<const S> a, Trans ta, MatrixRef<const S> b, Trans tb, S alpha,
+                 S beta) {
+  if (c.rows == 0 || c.cols == 0) return;
+  auto C = map(c.data, c.rows, c.cols, c.ld);
+  const std::int64_t k = ta == Trans::kN ? a.cols : a.rows;
+  if (k == 0) {
+    if (beta == S(0)) C.setZero();
+    else if (beta != S(1)) C *= beta;
+    return;
+  }
+  auto A = map(a.data, a.rows, a.cols, a.ld);
+  auto B = map(b.data, b.rows, b.cols, b.ld);
+  auto run = [&](const auto& opa, const auto& opb) {
+    if (beta == S(0)) {
+      C.noalias() = (alpha * opa) * opb;
+    } else {
+      if (beta != S(1)) C *= beta;
+      C.noalias() += (alpha * opa) * opb;
+    }
+  };
+  if (ta == Trans::kN && tb == Trans::kN) run(A, B);
+  else if (ta == Trans::kN) run(A, B.transpose());
+  else if (tb == Trans::kN) run(A.transpose(), B);
+  else run(A.transpose(), B.transpose());
+}
+
+/// Row block [r0, r1) of op(x) as a MatrixRef.
+template <class S>
+MatrixRef<S> op_rows(MatrixRef<S> x, Trans t, std::int64_t r0, std::int64_t r1) {
+  if (t == Trans::kN) return {x.data + r0 * x.ld, r1 - r0, x.cols, x.ld};
+  return {x.data + r0, x.rows, r1 - r0, x.ld};  // rows of x^T are columns of x
+}
+/// Column block [c0, c1) of op(x) as a MatrixRef.
+template <class S>
+MatrixRef<S> op_cols(MatrixRef<S> x, Trans t, std::int64_t c0, std::int64_t c1) {
+  if (t == Trans::kN) return {x.data + c0, x.rows, c1 - c0, x.ld};
+  return {x.data + c0 * x.ld, c1 - c0, x.cols, x.ld};
+}
+
+/// c = alpha * op(a) op(b) + beta * c, split over the context's threads.
+template <class S>
+void gemm_parallel(CpuContext& ctx, MatrixRef<S> c, MatrixRef<const S> a, Trans ta, MatrixRef<const S> b, Trans tb,
+                   S alpha, S beta) {
+  const std::int64_t m = c.rows, n = c.cols;
+  const std::int64_t k = ta == Trans::kN ? a.cols : a.rows;
+  constexpr std::int64_t kMinParallelWork = 1 << 16;  // below this, a fork costs more than it saves
+  if (ctx.threads() == 1 || m * n * std::max<std::int64_t>(k, 1) < kMinParallelWork) {
+    gemm_serial(c, a, ta, b, tb, alpha, beta);
+    return;
+  }
+  if (m >= n || m >= 4 * ctx.threads() * 16) {
+    ctx.parallel_range(m, 16, [&](std::int64_t r0, std::int64_t r1) {
+      gemm_serial(MatrixRef<S>{c.data + r0 * c.ld, r1 - r0, n, c.ld}, op_rows(a, ta, r0, r1), ta, b, tb, alpha,
+                  beta);
+    });
+  } else {
+    ctx.parallel_range(n, 16, [&](std::int64_t c0, std::int64_t c1) {
+      gemm_serial(MatrixRef<S>{c.data + c0, m, c1 - c0, c.ld}, a, ta, op_cols(b, tb, c0, c1), tb, alpha, beta);
+    });
+  }
+}
+
+/// Checked entry point over rank-2 views.
+template <class S>
+void gemm(CpuContext& ctx, TensorView<S, Cpu> c, ConstTensorView<S, Cpu> a, Trans ta, ConstTensorView<S, Cpu> b,
+          Trans tb, S alpha = S(1), S beta = S(0)) {
+  if (a.rank() != 2 || b.rank() != 2 || c.rank() != 2) {
+    throw ShapeError("gemm: expected rank-2 operands, got a " + a.shape().to_string() + ", b " +
+                     b.shape().to_string() + ", c " + c.shape().to_string());
+  }
+  const std::int64_t m = ta == Trans::kN ? a.dim(0) : a.dim(1);
+  const std::int64_t ka = ta == Trans::kN ? a.dim(1) : a.dim(0);
+  const std::int64_t kb = tb == Trans::kN ? b.dim(0) : b.dim(1);
+  const std::int64_t n = tb == Trans::kN ? b.dim(1) : b.dim(0);
+  if (ka != kb || c.dim(0) != m || c.dim(1) != n) {
+    throw ShapeError("gemm: op(a) is [" + std::to_string(m) + ", " + std::to_string(ka) + "] and op(b) is [" +
+                     std::to_string(kb) + ", " + std::to_string(n) + "], so c must be [" + std::to_string(m) +
+                     ", " + std::to_string(n) + "] with equal inner extents; got c " + c.shape().to_string());
+  }
+  gemm_parallel<S>(ctx, {c.data(), m, n, n}, {a.data(), a.dim(0), a.dim(1), a.dim(1)}, ta,
+                   {b.data(), b.dim(0), b.dim(1), b.dim(1)}, tb, alpha, beta);
+}
+
+}  // namespace backend::cpu
+}  // namespace tmoe

@@ -1,0 +1,31 @@
+#pragma once
+/// @file tmoe.hpp
+/// @brief Umbrella header for .cpp files: core, the CPU back-end, the MoE layer and safetensors I/O.
+///
+/// @code
+/// #include <tmoe/tmoe.hpp>
+/// using Cfg = tmoe::moe::Config<tmoe::route::Token, tmoe::Experts<8>, tmoe::TopK<2>, tmoe::CapacityFactor<5, 4>>;
+/// tmoe::CpuContext ctx{2};
+/// tmoe::moe::Layer<Cfg, float, tmoe::Cpu> layer({.d_model = 512, .d_ff = 2048});
+/// @endcode
+///
+/// Never includes a CUDA header; CUDA users include <tmoe/cuda.cuh> from .cu files.
+
+#include "tmoe/config.hpp"
+#include "tmoe/version.hpp"
+
+#include "tmoe/core/bf16.hpp"
+#include "tmoe/core/device.hpp"
+#include "tmoe/core/error.hpp"
+#include "tmoe/core/f16.hpp"
+#include "tmoe/core/ops.hpp"
+#include "tmoe/core/random.hpp"
+#include "tmoe/core/shape.hpp"
+#include "tmoe/core/storage.hpp"
+#include "tmoe/core/tensor.hpp"
+#include "tmoe/core/tensor_view.hpp"
+
+#include "tmoe/backend/cpu/context.hpp"
+#include "tmoe/backend/cpu/ops.hpp"
+
+#include "tmoe/nn/activation.hpp"
