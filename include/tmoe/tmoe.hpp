@@ -18,6 +18,7 @@
 #include "tmoe/core/device.hpp"
 #include "tmoe/core/error.hpp"
 #include "tmoe/core/f16.hpp"
+#include "tmoe/core/named_tensor.hpp"
 #include "tmoe/core/ops.hpp"
 #include "tmoe/core/random.hpp"
 #include "tmoe/core/shape.hpp"
