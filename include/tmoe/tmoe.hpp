@@ -30,3 +30,14 @@
 #include "tmoe/backend/cpu/ops.hpp"
 
 #include "tmoe/nn/activation.hpp"
+
+#include "tmoe/io/dtype.hpp"
+#include "tmoe/io/safetensors.hpp"
+#include "tmoe/io/state_dict.hpp"
+
+#include "tmoe/moe/config.hpp"
+#include "tmoe/moe/experts.hpp"
+#include "tmoe/moe/gate.hpp"
+#include "tmoe/moe/layer.hpp"
+#include "tmoe/moe/router.hpp"
+#include "tmoe/moe/routing_plan.hpp"

@@ -130,8 +130,9 @@ TEST_SUITE("ops_cpu") {
     const double tol = std::is_same_v<S, float> ? 2e-6 : 1e-13;
     for (int threads : {1, 2, 3}) {
       CpuContext ctx(threads);
-      for (auto [m, n, k] : {std::array<std::int64_t, 3>{37, 41, 29}, {1, 203, 77}, {130, 3, 65}, {0, 5, 7},
-                             {6, 9, 0}, {301, 257, 13}}) {
+      for (const auto& mnk : {std::array<std::int64_t, 3>{37, 41, 29}, {1, 203, 77}, {130, 3, 65}, {0, 5, 7},
+                              {6, 9, 0}, {301, 257, 13}}) {
+        const std::int64_t m = mnk[0], n = mnk[1], k = mnk[2];
         for (Trans ta : {Trans::kN, Trans::kT}) {
           for (Trans tb : {Trans::kN, Trans::kT}) {
             Tensor<S, Cpu> a(ta == Trans::kN ? Shape{m, k} : Shape{k, m});

@@ -1,0 +1,460 @@
+// moe_layer: the MoE layer forward per routing granularity against a dense FFN and the machine's two ceilings.
+//
+// Shapes: d_model 512, d_ff 2048, top-2; E in {8, 32, 128}; tokens in {1, 8, 64, 512, 4096}; 2 threads.
+//   BM_Ceiling_GemmFp32          Ops<Cpu>::gemm on 2048^3 fp32: the GEMM rate every roofline uses
+//   BM_Ceiling_ReadBandwidth     one summing pass over a 1 GiB buffer: the memory read bandwidth
+//   BM_Dense/d_ff:F              y = wo relu(wi x), F = 2048 (one expert) and 4096 (the active width of top-2)
+//   BM_MoE_Token/E:E             token routing, Dropless (all 2N rows computed)
+//   BM_MoE_TokenCapacity/E:32    token routing with CapacityFactor<5, 4>, for reference
+//   BM_Stage_TokenGating/E:32    router GEMM + softmax + build_plan only (the gating stage)
+//   BM_Stage_TokenExperts/E:32   experts_forward only, on a forward's own plan and gathered rows
+//   BM_MoE_Sentence/E:E          sentence routing, Dropless, rows of 32 tokens (one row of N when N < 32)
+//   BM_MoE_Task/E:E              task routing, one task for the whole batch (4 tasks in the embedding)
+//   BM_MoE_Task4/E:E             task routing, 4 contiguous tasks of N/4 tokens each
+//
+// Counters: tokens/s; GFLOP/s of the FLOPs computed (router GEMM + 4*C*F per dispatched row, or 4*N*C*F for the
+// dense FFN); weight_MB, the expert weights touched per call (experts with >= 1 dispatched row x 2*C*F*4 bytes);
+// roofline_us = max(FLOPs / GEMM rate, weight bytes / read bandwidth); roofline_frac = roofline time / measured time.
+//
+// The ceilings are measured once, lazily, before the first case that needs them (the ceiling benchmarks run first,
+// so they print before the table). Layers are built once per (granularity, E) and kept in a single slot: the cases
+// are registered grouped by layer type, so each layer is initialized once and at most one (up to 1 GiB) is alive.
+//
+// Run (the numbers in bench/RESULTS.md):
+//   build-bench/bench/moe_layer --benchmark_min_time=0.2 --benchmark_repetitions=3
+//       --benchmark_report_aggregates_only=true   (one command line)
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <tmoe/tmoe.hpp>
+
+namespace {
+
+using tmoe::Cpu;
+using tmoe::CpuContext;
+using tmoe::Tensor;
+namespace moe = tmoe::moe;
+using Relu = tmoe::nn::Relu;
+
+constexpr std::int64_t kModel = 512;      // C
+constexpr std::int64_t kFF = 2048;        // F per expert
+constexpr std::int64_t kRowLength = 32;   // sentence routing: tokens per row (one sentence per row)
+constexpr std::int64_t kTasks = 4;        // task routing: rows of the task embedding
+constexpr int kThreads = 2;
+constexpr std::int64_t kGemmSize = 2048;                // ceiling GEMM: kGemmSize^3
+constexpr std::int64_t kBandwidthBytes = 1LL << 30;     // ceiling read buffer: 1 GiB, far above the LLC
+constexpr int kCeilingPasses = 5;
+
+CpuContext& context() {
+  static CpuContext ctx{kThreads};
+  return ctx;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+void fill_normal(float* p, std::int64_t n, std::uint64_t seed, float sigma = 1.0f) {
+  const tmoe::Philox rng(seed);
+  for (std::int64_t i = 0; i < n; ++i) {
+    const auto w = rng.block(static_cast<std::uint64_t>(i), 0);
+    p[i] = sigma * tmoe::normal01(w[0], w[1]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Ceilings.
+
+struct GemmOperands {
+  Tensor<float, Cpu> a{kGemmSize, kGemmSize}, b{kGemmSize, kGemmSize}, c{kGemmSize, kGemmSize};
+  GemmOperands() {
+    fill_normal(a.data(), a.numel(), 11, 0.05f);
+    fill_normal(b.data(), b.numel(), 12, 0.05f);
+  }
+  void run() {
+    tmoe::Ops<Cpu>::gemm<float>(context(), c.view(), a.cview(), tmoe::Trans::kN, b.cview(), tmoe::Trans::kN);
+  }
+  static double flops() { return 2.0 * kGemmSize * kGemmSize * kGemmSize; }
+};
+
+GemmOperands& gemm_operands() {
+  static GemmOperands g;
+  return g;
+}
+
+/// The 1 GiB read buffer, first touched in parallel so its pages are spread like the reads.
+const float* bandwidth_buffer() {
+  static const std::unique_ptr<float[]> buffer = [] {
+    const std::int64_t n = kBandwidthBytes / static_cast<std::int64_t>(sizeof(float));
+    std::unique_ptr<float[]> p(new float[static_cast<std::size_t>(n)]);
+    context().parallel_range(n, 1 << 16, [&](std::int64_t b, std::int64_t e) { std::fill(p.get() + b, p.get() + e, 1.0f); });
+    return p;
+  }();
+  return buffer.get();
+}
+
+/// Sum of p[0, n): 32 independent partial sums, so the loop vectorizes without reassociation flags.
+float sum_range(const float* p, std::int64_t n) {
+  constexpr int kLanes = 32;
+  float acc[kLanes] = {};
+  std::int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += p[i + l];
+  }
+  float s = 0;
+  for (; i < n; ++i) s += p[i];
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+/// One read pass over the whole buffer, split over the context's threads.
+float read_pass() {
+  const float* p = bandwidth_buffer();
+  const std::int64_t n = kBandwidthBytes / static_cast<std::int64_t>(sizeof(float));
+  std::mutex m;
+  float total = 0;
+  context().parallel_range(n, 1 << 16, [&](std::int64_t b, std::int64_t e) {
+    const float s = sum_range(p + b, e - b);
+    const std::lock_guard<std::mutex> lock(m);
+    total += s;
+  });
+  return total;
+}
+
+struct Ceilings {
+  double gemm_flops_per_s = 0;  // best of kCeilingPasses
+  double read_bytes_per_s = 0;  // best of kCeilingPasses
+};
+
+const Ceilings& ceilings() {
+  static const Ceilings c = [] {
+    Ceilings r;
+    auto& g = gemm_operands();
+    g.run();  // warm-up: pages, pool threads
+    for (int i = 0; i < kCeilingPasses; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      g.run();
+      r.gemm_flops_per_s = std::max(r.gemm_flops_per_s, GemmOperands::flops() / seconds_since(t0));
+    }
+    bandwidth_buffer();
+    for (int i = 0; i < kCeilingPasses; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      float s = read_pass();
+      benchmark::DoNotOptimize(s);
+      r.read_bytes_per_s = std::max(r.read_bytes_per_s, static_cast<double>(kBandwidthBytes) / seconds_since(t0));
+    }
+    std::printf("ceilings (%d threads, best of %d): fp32 GEMM %lldx%lldx%lld %.1f GFLOP/s; read bandwidth over "
+                "%lld MiB %.2f GB/s\n",
+                kThreads, kCeilingPasses, static_cast<long long>(kGemmSize), static_cast<long long>(kGemmSize),
+                static_cast<long long>(kGemmSize), r.gemm_flops_per_s * 1e-9,
+                static_cast<long long>(kBandwidthBytes >> 20), r.read_bytes_per_s * 1e-9);
+    std::fflush(stdout);
+    return r;
+  }();
+  return c;
+}
+
+void BM_Ceiling_GemmFp32(benchmark::State& state) {
+  const Ceilings& c = ceilings();
+  auto& g = gemm_operands();
+  for (auto _ : state) {
+    g.run();
+    benchmark::DoNotOptimize(g.c.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(GemmOperands::flops() * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["ceiling_GFLOP/s"] = c.gemm_flops_per_s * 1e-9;
+}
+
+void BM_Ceiling_ReadBandwidth(benchmark::State& state) {
+  const Ceilings& c = ceilings();
+  for (auto _ : state) {
+    float s = read_pass();
+    benchmark::DoNotOptimize(s);
+  }
+  state.SetBytesProcessed(state.iterations() * kBandwidthBytes);
+  state.counters["ceiling_GB/s"] = c.read_bytes_per_s * 1e-9;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Counters shared by every case.
+
+void set_counters(benchmark::State& state, std::int64_t tokens, double flops, double weight_bytes) {
+  using benchmark::Counter;
+  const Ceilings& c = ceilings();
+  const double roofline_s = std::max(flops / c.gemm_flops_per_s, weight_bytes / c.read_bytes_per_s);
+  state.counters["tokens/s"] = Counter(static_cast<double>(tokens), Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s"] = Counter(flops * 1e-9, Counter::kIsIterationInvariantRate);
+  state.counters["weight_MB"] = Counter(weight_bytes * 1e-6);
+  state.counters["roofline_us"] = Counter(roofline_s * 1e6);
+  // roofline seconds per iteration, times iterations, over the measured (real) time: the fraction reached.
+  state.counters["roofline_frac"] = Counter(roofline_s, Counter::kIsIterationInvariantRate);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Inputs and layers, built once.
+
+/// x (N, C) from Philox, one per token count; and a matching output buffer.
+Tensor<float, Cpu>& input(std::int64_t n) {
+  static std::map<std::int64_t, std::unique_ptr<Tensor<float, Cpu>>> inputs;
+  auto& t = inputs[n];
+  if (!t) {
+    t = std::make_unique<Tensor<float, Cpu>>(tmoe::Shape{n, kModel});
+    fill_normal(t->data(), t->numel(), 1000 + static_cast<std::uint64_t>(n));
+  }
+  return *t;
+}
+Tensor<float, Cpu>& output(std::int64_t n) {
+  static std::map<std::int64_t, std::unique_ptr<Tensor<float, Cpu>>> outputs;
+  auto& t = outputs[n];
+  if (!t) t = std::make_unique<Tensor<float, Cpu>>(tmoe::Shape{n, kModel});
+  return *t;
+}
+
+template <class Cfg>
+using LayerT = moe::Layer<Cfg, float, Cpu>;
+
+/// The one live layer, shared by every layer type: a request for another type frees the current layer first.
+struct LayerSlot {
+  const void* key = nullptr;
+  std::shared_ptr<void> object;
+};
+LayerSlot& layer_slot() {
+  static LayerSlot s;
+  return s;
+}
+
+template <class Cfg>
+LayerT<Cfg>& layer() {
+  static const char key = 0;  // one address per Cfg
+  LayerSlot& s = layer_slot();
+  if (s.key != &key) {
+    s.object.reset();
+    s.key = nullptr;
+    auto l = std::make_shared<LayerT<Cfg>>(
+        moe::LayerOptions{.d_model = kModel, .d_ff = kFF, .num_tasks = kTasks, .group_size = 0});
+    l->init(2021);
+    s.object = l;
+    s.key = &key;
+  }
+  return *static_cast<LayerT<Cfg>*>(s.object.get());
+}
+
+/// Task ids per row: {0} (one task for the batch) or {0, 1, 2, 3} (4 contiguous tasks).
+const Tensor<std::int32_t, Cpu>& task_ids(std::int64_t rows) {
+  static std::map<std::int64_t, std::unique_ptr<Tensor<std::int32_t, Cpu>>> ids;
+  auto& t = ids[rows];
+  if (!t) {
+    t = std::make_unique<Tensor<std::int32_t, Cpu>>(tmoe::Shape{rows});
+    for (std::int64_t r = 0; r < rows; ++r) t->data()[r] = static_cast<std::int32_t>(r % kTasks);
+  }
+  return *t;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Cases.
+
+template <int E>
+using TokenCfg = moe::Config<tmoe::route::Token, tmoe::Experts<E>, tmoe::TopK<2>, tmoe::Dropless>;
+template <int E>
+using TokenCapacityCfg = moe::Config<tmoe::route::Token, tmoe::Experts<E>, tmoe::TopK<2>, tmoe::CapacityFactor<5, 4>>;
+template <int E>
+using SentenceCfg = moe::Config<tmoe::route::Sentence, tmoe::Experts<E>, tmoe::TopK<2>, tmoe::Dropless>;
+template <int E>
+using TaskCfg = moe::Config<tmoe::route::Task, tmoe::Experts<E>, tmoe::TopK<2>>;
+
+enum class Feed { kTokens, kSentences, kOneTask, kFourTasks };
+
+/// The layer's input shape for N tokens.
+tmoe::Shape input_shape(Feed feed, std::int64_t n) {
+  switch (feed) {
+    case Feed::kSentences:
+      return n < kRowLength ? tmoe::Shape{1, n, kModel} : tmoe::Shape{(n + kRowLength - 1) / kRowLength, kRowLength, kModel};
+    case Feed::kOneTask:
+      return tmoe::Shape{1, n, kModel};
+    case Feed::kFourTasks:
+      return tmoe::Shape{kTasks, n / kTasks, kModel};
+    case Feed::kTokens:
+    default:
+      return tmoe::Shape{n, kModel};
+  }
+}
+
+/// FLOPs and expert weight bytes of the call the cache describes.
+template <class Cfg>
+std::pair<double, double> work_of(const typename LayerT<Cfg>::Cache& cache) {
+  const auto& plan = cache.plan;
+  std::int64_t touched = 0;
+  for (int e = 0; e < Cfg::experts; ++e) touched += plan.expert_count.data()[e] > 0 ? 1 : 0;
+  const double router = 2.0 * static_cast<double>(cache.logits.dim(0)) * kModel * Cfg::experts;
+  const double experts = 4.0 * kModel * kFF * static_cast<double>(plan.rows());
+  const double bytes = static_cast<double>(touched) * 2.0 * kModel * kFF * sizeof(float);
+  return {router + experts, bytes};
+}
+
+template <class Cfg>
+void run_layer(benchmark::State& state, Feed feed) {
+  const std::int64_t n = state.range(0);
+  if (feed == Feed::kSentences && n >= kRowLength && n % kRowLength != 0) {
+    state.SkipWithError("sentence cases need N < 32 or a multiple of 32");
+    return;
+  }
+  if (feed == Feed::kFourTasks && n % kTasks != 0) {
+    state.SkipWithError("4-task cases need N divisible by 4");
+    return;
+  }
+  CpuContext& ctx = context();
+  LayerT<Cfg>& l = layer<Cfg>();
+  const tmoe::Shape shape = input_shape(feed, n);
+  moe::Input<float, Cpu> in{.x = input(n).view().reshape(shape)};
+  if (feed == Feed::kOneTask || feed == Feed::kFourTasks) in.task_ids = task_ids(shape[0]).cview();
+  const tmoe::TensorView<float, Cpu> out = output(n).view().reshape(shape);
+  typename LayerT<Cfg>::Cache cache;
+  l.forward(ctx, in, out, cache);  // sizes the cache's buffers and gives the plan the counters read
+  const auto [flops, bytes] = work_of<Cfg>(cache);
+  for (auto _ : state) {
+    l.forward(ctx, in, out, cache);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, n, flops, bytes);
+  state.counters["experts_touched"] = bytes / (2.0 * kModel * kFF * sizeof(float));
+  if constexpr (!Cfg::dropless) state.counters["dropped"] = static_cast<double>(cache.plan.dropped());
+}
+
+/// Dense FFN y = wo relu(wi x) of width F through the task path's GEMMs (moe::expert_dense_forward).
+void BM_Dense(benchmark::State& state) {
+  const std::int64_t f = state.range(0), n = state.range(1);
+  struct Weights {
+    Tensor<float, Cpu> wi, wo;
+  };
+  static std::map<std::int64_t, std::unique_ptr<Weights>> weights;
+  auto& w = weights[f];
+  if (!w) {
+    w = std::make_unique<Weights>(Weights{Tensor<float, Cpu>({f, kModel}), Tensor<float, Cpu>({kModel, f})});
+    fill_normal(w->wi.data(), w->wi.numel(), 31, 1.0f / std::sqrt(static_cast<float>(kModel)));
+    fill_normal(w->wo.data(), w->wo.numel(), 32, 1.0f / std::sqrt(static_cast<float>(f)));
+  }
+  CpuContext& ctx = context();
+  const float* x = input(n).data();
+  float* y = output(n).data();
+  Tensor<float, Cpu> hidden({n, f});
+  for (auto _ : state) {
+    moe::expert_dense_forward<Relu, float>(ctx, y, hidden.data(), nullptr, x, n, w->wi.data(), w->wo.data(), kModel,
+                                           f, 1.0f, 0.0f);
+    benchmark::DoNotOptimize(y);
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, n, 4.0 * static_cast<double>(n) * kModel * static_cast<double>(f),
+               2.0 * kModel * static_cast<double>(f) * sizeof(float));
+}
+
+/// Gating stage of the token layer alone: router GEMM, softmax and build_plan, as the layer runs them.
+template <int E>
+void BM_Stage_TokenGating(benchmark::State& state) {
+  using Cfg = TokenCfg<E>;
+  const std::int64_t n = state.range(0);
+  CpuContext& ctx = context();
+  LayerT<Cfg>& l = layer<Cfg>();
+  const auto x = input(n).cview();
+  Tensor<float, Cpu> logits({n, E}), probs({n, E});
+  std::vector<std::int32_t> gate_row(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) gate_row[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+  moe::RoutingPlan<float, Cpu> plan;
+  for (auto _ : state) {
+    tmoe::Ops<Cpu>::gemm<float>(ctx, logits.view(), x, tmoe::Trans::kN, l.gate_weight(), tmoe::Trans::kT);
+    tmoe::Ops<Cpu>::softmax<float>(ctx, probs.view(), logits.cview());
+    moe::build_plan<Cfg, float>(ctx, plan, probs.cview(), logits.cview(), gate_row.data(), n, 0, moe::GateArgs{});
+    benchmark::DoNotOptimize(plan.row.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, n, 2.0 * static_cast<double>(n) * kModel * E, 0.0);
+}
+
+/// Expert stage of the token layer alone: experts_forward over a forward's own plan, on its gathered rows.
+template <int E>
+void BM_Stage_TokenExperts(benchmark::State& state) {
+  using Cfg = TokenCfg<E>;
+  const std::int64_t n = state.range(0);
+  CpuContext& ctx = context();
+  LayerT<Cfg>& l = layer<Cfg>();
+  typename LayerT<Cfg>::Cache cache;
+  l.forward(ctx, {.x = input(n).cview()}, output(n).view(), cache);
+  const std::int64_t rows = cache.plan.rows();
+  Tensor<float, Cpu> xd({rows, kModel}), hidden({rows, kFF}), yo({rows, kModel});
+  std::copy_n(cache.dispatched.data(), rows * kModel, xd.data());
+  const auto [flops, bytes] = work_of<Cfg>(cache);
+  const double router = 2.0 * static_cast<double>(n) * kModel * E;
+  for (auto _ : state) {
+    moe::experts_forward<Relu, float, E>(ctx, yo.data(), hidden.data(), nullptr, xd.data(), l.wi().data(),
+                                         l.wo().data(), cache.plan.expert_offset.data(), kModel, kFF);
+    benchmark::DoNotOptimize(yo.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, n, flops - router, bytes);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Registration, grouped by layer type so each layer is built once.
+
+constexpr std::int64_t kTokenCounts[] = {1, 8, 64, 512, 4096};
+
+template <class Fn>
+benchmark::internal::Benchmark* add(const std::string& name, Fn&& fn) {
+  return benchmark::RegisterBenchmark(name.c_str(), std::forward<Fn>(fn))
+      ->UseRealTime()
+      ->Unit(benchmark::kMicrosecond);
+}
+
+template <class Cfg>
+void add_layer(const std::string& family, Feed feed, std::initializer_list<std::int64_t> tokens) {
+  auto* b = add(family + "/E:" + std::to_string(Cfg::experts),
+                [feed](benchmark::State& st) { run_layer<Cfg>(st, feed); })
+                ->ArgName("tokens");
+  for (std::int64_t n : tokens) b->Arg(n);
+}
+
+template <template <int> class Cfg, int E>
+void add_expert_count(const std::string& family, Feed feed) {
+  add_layer<Cfg<E>>(family, feed, {1, 8, 64, 512, 4096});
+  if (feed == Feed::kOneTask) add_layer<Cfg<E>>("BM_MoE_Task4", Feed::kFourTasks, {512, 4096});
+  if (feed == Feed::kTokens && E == 32) {  // the stage breakdown reuses the E=32 layer before it is freed
+    add("BM_Stage_TokenGating/E:32", BM_Stage_TokenGating<32>)->ArgName("tokens")->Arg(4096);
+    add("BM_Stage_TokenExperts/E:32", BM_Stage_TokenExperts<32>)->ArgName("tokens")->Arg(4096);
+    add_layer<TokenCapacityCfg<32>>("BM_MoE_TokenCapacity", feed, {4096});
+  }
+}
+
+template <template <int> class Cfg>
+void add_granularity(const std::string& family, Feed feed) {
+  add_expert_count<Cfg, 8>(family, feed);
+  add_expert_count<Cfg, 32>(family, feed);
+  add_expert_count<Cfg, 128>(family, feed);
+}
+
+bool register_all() {
+  add("BM_Ceiling_GemmFp32", BM_Ceiling_GemmFp32);
+  add("BM_Ceiling_ReadBandwidth", BM_Ceiling_ReadBandwidth);
+  auto* dense = add("BM_Dense", BM_Dense)->ArgNames({"d_ff", "tokens"});
+  for (std::int64_t f : {kFF, 2 * kFF}) {
+    for (std::int64_t n : kTokenCounts) dense->Args({f, n});
+  }
+  add_granularity<TokenCfg>("BM_MoE_Token", Feed::kTokens);
+  add_granularity<SentenceCfg>("BM_MoE_Sentence", Feed::kSentences);
+  add_granularity<TaskCfg>("BM_MoE_Task", Feed::kOneTask);
+  return true;
+}
+
+[[maybe_unused]] const bool registered = register_all();
+
+}  // namespace

@@ -1,0 +1,429 @@
+#pragma once
+/// @file layer.hpp
+/// @brief moe::Layer<Config, Scalar, Device>: the MoE feed-forward layer at token, sentence or task granularity.
+///
+/// Pipeline (DESIGN section 4): router logits in the router precision (float, or double for double models) ->
+/// softmax -> top-k gate with capacity (gate.hpp) -> permutation into expert-contiguous rows by a stable counting
+/// sort with k-major numbering -> expert FFNs over contiguous blocks (experts.hpp) -> combine in a fixed order,
+/// no atomics.
+///
+/// Task routing with Dropless capacity and no random second expert has no permutation stage: each task's tokens
+/// form one contiguous range (the batch's own order when tasks are already contiguous, otherwise one stable
+/// counting sort by task), and the range runs through K dense FFN calls of its experts.
+///
+/// Parameters (DESIGN section 6 names, relative to the layer's prefix):
+///   gate.weight     (E, C)       router projection, no bias
+///   task_embedding  (tasks, C)   task routing only
+///   experts.wi      (E, F, C)    [out, in] per expert
+///   experts.wo      (E, C, F)
+///
+/// @code
+/// using Cfg = tmoe::moe::Config<tmoe::route::Token, tmoe::Experts<8>, tmoe::TopK<2>, tmoe::CapacityFactor<5, 4>>;
+/// tmoe::CpuContext ctx{2};
+/// tmoe::moe::Layer<Cfg, float, tmoe::Cpu> layer({.d_model = 64, .d_ff = 256});
+/// layer.init(/*seed=*/1);
+/// tmoe::Tensor<float, tmoe::Cpu> x({4, 16, 64}), y({4, 16, 64});
+/// tmoe::moe::Layer<Cfg, float, tmoe::Cpu>::Cache cache;
+/// layer.forward(ctx, {.x = x}, y, cache);
+/// // cache.plan.expert, cache.plan.gate, cache.plan.dropped() ... say what went where.
+/// @endcode
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "tmoe/backend/cpu/ops.hpp"
+#include "tmoe/core/named_tensor.hpp"
+#include "tmoe/core/random.hpp"
+#include "tmoe/core/tensor.hpp"
+#include "tmoe/moe/config.hpp"
+#include "tmoe/moe/experts.hpp"
+#include "tmoe/moe/gate.hpp"
+#include "tmoe/moe/router.hpp"
+#include "tmoe/moe/routing_plan.hpp"
+
+namespace tmoe::moe {
+
+/// Router precision: float for float (and lower) activations, double for double.
+template <class Scalar>
+using router_t = std::conditional_t<std::is_same_v<Scalar, double>, double, float>;
+
+/// Run-time sizes of a layer.
+struct LayerOptions {
+  std::int64_t d_model = 0;     ///< C
+  std::int64_t d_ff = 0;        ///< F, per expert
+  std::int64_t num_tasks = 0;   ///< task routing: rows of the task embedding
+  std::int64_t group_size = 0;  ///< S: tokens per capacity/aux group; 0 = the whole call is one group
+};
+
+/// One call's input.
+template <class Scalar, DeviceTag Device>
+struct Input {
+  ConstTensorView<Scalar, Device> x;                    ///< (B, T, C); a rank-2 (N, C) input is one row
+  ConstTensorView<std::int32_t, Device> segment_ids{};  ///< optional (B, T): 0 = padding, > 0 = sequence in row
+  ConstTensorView<std::int32_t, Device> task_ids{};     ///< task routing: (B) per row, or (B, T) per token
+};
+
+/// Per-call switches: training enables the random second-expert policy; seed and offset address its draws.
+using ForwardArgs = GateArgs;
+
+template <class Config, class Scalar, DeviceTag Device>
+class Layer;
+
+/// What forward leaves for inspection and for backward.
+template <class Scalar, DeviceTag Device>
+struct LayerCache {
+  using Real = router_t<Scalar>;
+  RoutingPlan<Real, Device> plan;
+  Tensor<std::int32_t, Device> gate_row;  // (N) gate row per token; -1 = padding
+  Tensor<Real, Device> gate_input;        // (G, C) sentence means (sentence routing only)
+  Tensor<Real, Device> logits;            // (G, E)
+  Tensor<Real, Device> probs;             // (G, E)
+  Tensor<Scalar, Device> dispatched;      // (R, C) expert-contiguous inputs (permuted path)
+  Tensor<Scalar, Device> hidden;          // (R, F) permuted path; (K, N', F) task path, N' = routed tokens
+  Tensor<Scalar, Device> pre;             // pre-activation, same shape as hidden, kept when training
+  Tensor<Scalar, Device> expert_out;      // (R, C) permuted path
+  bool task_path = false;                 // the task path ran (no permutation)
+  std::vector<std::int64_t> task_order;   // task path: tokens in task-contiguous order (empty = identity)
+  std::vector<std::int64_t> task_range;   // task path: (begin, end, task) triples over that order
+  Tensor<Scalar, Device> task_x;          // task path: gathered inputs when tasks were not contiguous
+  Tensor<Scalar, Device> task_y;          // task path: outputs in task order, before scattering back
+};
+
+template <class Config, class Scalar>
+class Layer<Config, Scalar, Cpu> {
+  static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
+                "moe::Layer<Config, Scalar, Cpu>: the CPU back-end computes in float or double; store bf16/f16 "
+                "weights with io/ and convert on load.");
+
+ public:
+  using config_type = Config;
+  using scalar_type = Scalar;
+  using device_type = Cpu;
+  using Real = router_t<Scalar>;
+  using Route = typename Config::route_type;
+  using Act = typename Config::activation_type;
+  using Cache = LayerCache<Scalar, Cpu>;
+  static constexpr int E = Config::experts;
+  static constexpr int K = Config::top_k;
+  static constexpr bool kTask = std::is_same_v<Route, route::Task>;
+  static constexpr bool kSentence = std::is_same_v<Route, route::Sentence>;
+
+  /// Allocates zero-filled parameters. @throws ShapeError for non-positive sizes or, for task routing, no tasks.
+  explicit Layer(LayerOptions options) : options_(options) {
+    const char* op = "moe::Layer";
+    if (options.d_model <= 0 || options.d_ff <= 0) {
+      throw ShapeError(std::string(op) + ": d_model and d_ff must be positive, got d_model " +
+                       std::to_string(options.d_model) + " and d_ff " + std::to_string(options.d_ff));
+    }
+    if (kTask && options.num_tasks <= 0) {
+      throw ShapeError(std::string(op) + ": task routing needs num_tasks >= 1, got " +
+                       std::to_string(options.num_tasks));
+    }
+    if (options.group_size < 0) {
+      throw ShapeError(std::string(op) + ": group_size must be >= 0 (0 = whole batch), got " +
+                       std::to_string(options.group_size));
+    }
+    const std::int64_t C = options.d_model, F = options.d_ff;
+    gate_weight_ = Tensor<Scalar, Cpu>({E, C});
+    if constexpr (kTask) task_embedding_ = Tensor<Scalar, Cpu>({options.num_tasks, C});
+    wi_ = Tensor<Scalar, Cpu>({E, F, C});
+    wo_ = Tensor<Scalar, Cpu>({E, C, F});
+  }
+
+  [[nodiscard]] const LayerOptions& options() const noexcept { return options_; }
+
+  /// Normal initialization from Philox(seed): gate sigma sqrt(0.1 / C) (Switch's reduced scale), wi sigma
+  /// 1/sqrt(C), wo sigma 1/sqrt(F), task embeddings sigma 1.
+  void init(std::uint64_t seed) {
+    const double C = static_cast<double>(options_.d_model), F = static_cast<double>(options_.d_ff);
+    fill_normal(gate_weight_.view(), seed, 0, std::sqrt(0.1 / C));
+    if constexpr (kTask) fill_normal(task_embedding_.view(), seed, 1, 1.0);
+    fill_normal(wi_.view(), seed, 2, 1.0 / std::sqrt(C));
+    fill_normal(wo_.view(), seed, 3, 1.0 / std::sqrt(F));
+  }
+
+  /// Parameters under their stable names, e.g. prefix "decoder.layers.3.moe" gives
+  /// "decoder.layers.3.moe.gate.weight".
+  [[nodiscard]] NamedTensorViews<Scalar> parameters(const std::string& prefix = "") {
+    const std::string p = prefix.empty() ? "" : prefix + ".";
+    NamedTensorViews<Scalar> out;
+    out.push_back({p + "gate.weight", gate_weight_.view()});
+    if constexpr (kTask) out.push_back({p + "task_embedding", task_embedding_.view()});
+    out.push_back({p + "experts.wi", wi_.view()});
+    out.push_back({p + "experts.wo", wo_.view()});
+    return out;
+  }
+
+  [[nodiscard]] TensorView<Scalar, Cpu> gate_weight() noexcept { return gate_weight_.view(); }
+  [[nodiscard]] TensorView<Scalar, Cpu> task_embedding() noexcept
+    requires kTask
+  {
+    return task_embedding_.view();
+  }
+  [[nodiscard]] TensorView<Scalar, Cpu> wi() noexcept { return wi_.view(); }
+  [[nodiscard]] TensorView<Scalar, Cpu> wo() noexcept { return wo_.view(); }
+
+  /// out (same shape as x) = MoE(x): the weighted expert outputs only (add the residual outside). Padding and
+  /// fully dropped tokens get zeros.
+  /// @throws ShapeError for a wrong shape, a missing or unknown task id.
+  void forward(CpuContext& ctx, const Input<Scalar, Cpu>& in, TensorView<Scalar, Cpu> out, Cache& cache,
+               const ForwardArgs& args = {}) const {
+    const TokenLayout layout = validate(in, out);
+    const std::int64_t N = layout.tokens(), C = options_.d_model;
+    const Scalar* x = in.x.data();
+
+    // Gate rows and router logits (router precision).
+    cache.gate_row.resize({N});
+    std::int32_t* gate_row = cache.gate_row.data();
+    if constexpr (std::is_same_v<Route, route::Token>) {
+      for (std::int64_t n = 0; n < N; ++n) gate_row[n] = layout.valid(n) ? static_cast<std::int32_t>(n) : -1;
+      cache.logits.resize({N, E});
+      Ops<Cpu>::gemm<Real>(ctx, cache.logits, in.x.reshape({N, C}), Trans::kN, gate_weight_, Trans::kT);
+    } else if constexpr (kSentence) {
+      sentence_gate_rows<Real, Scalar>(layout, x, C, gate_row, cache.gate_input);
+      cache.logits.resize({cache.gate_input.dim(0), E});
+      Ops<Cpu>::gemm<Real>(ctx, cache.logits, cache.gate_input, Trans::kN, gate_weight_, Trans::kT);
+    } else {
+      task_gate_rows(layout, in.task_ids.data(), in.task_ids.rank() == 2, options_.num_tasks, gate_row,
+                     "moe::Layer::forward");
+      cache.logits.resize({options_.num_tasks, E});
+      Ops<Cpu>::gemm<Real>(ctx, cache.logits, task_embedding_, Trans::kN, gate_weight_, Trans::kT);
+    }
+    cache.probs.resize(cache.logits.shape());
+    Ops<Cpu>::softmax<Real>(ctx, cache.probs, cache.logits);
+
+    build_plan<Config, Real>(ctx, cache.plan, cache.probs, cache.logits, gate_row, N, options_.group_size, args);
+
+    cache.task_path = false;
+    if constexpr (kTask && Config::dropless && (K == 1 || !Config::second_expert_type::random)) {
+      forward_task_ranges(ctx, x, out.data(), cache, args.training);
+    } else if constexpr (kTask && Config::dropless) {
+      if (!args.training) {
+        forward_task_ranges(ctx, x, out.data(), cache, args.training);
+      } else {
+        forward_permuted(ctx, x, out.data(), cache, args.training);
+      }
+    } else {
+      forward_permuted(ctx, x, out.data(), cache, args.training);
+    }
+  }
+
+  /// The layer's auxiliary training loss: aux coefficient * aux loss + z coefficient * z-loss.
+  [[nodiscard]] static double aux_loss(const Cache& cache) noexcept {
+    return Config::aux_loss_coefficient * cache.plan.aux_loss + Config::z_loss_coefficient * cache.plan.z_loss;
+  }
+
+ private:
+  TokenLayout validate(const Input<Scalar, Cpu>& in, const TensorView<Scalar, Cpu>& out) const {
+    const std::string op = "moe::Layer::forward";
+    const std::int64_t C = options_.d_model;
+    if ((in.x.rank() != 2 && in.x.rank() != 3) || in.x.dim(-1) != C) {
+      throw ShapeError(op + ": x must be (B, T, " + std::to_string(C) + ") or (N, " + std::to_string(C) +
+                       ") for d_model " + std::to_string(C) + ", got " + in.x.shape().to_string());
+    }
+    if (!(out.shape() == in.x.shape())) {
+      throw ShapeError(op + ": out must have x's shape " + in.x.shape().to_string() + ", got " +
+                       out.shape().to_string());
+    }
+    TokenLayout layout;
+    layout.rows = in.x.rank() == 3 ? in.x.dim(0) : 1;
+    layout.columns = in.x.rank() == 3 ? in.x.dim(1) : in.x.dim(0);
+    if (layout.tokens() >= (std::int64_t{1} << 31)) {
+      throw ShapeError(op + ": at most 2^31 - 1 tokens per call, got " + std::to_string(layout.tokens()));
+    }
+    if (in.segment_ids.data() != nullptr || in.segment_ids.rank() != 0) {
+      if (in.segment_ids.numel() != layout.tokens() || in.segment_ids.shape()[0] != (in.x.rank() == 3 ? layout.rows : layout.columns)) {
+        throw ShapeError(op + ": segment_ids must be (" + std::to_string(layout.rows) + ", " +
+                         std::to_string(layout.columns) + ") for x " + in.x.shape().to_string() + ", got " +
+                         in.segment_ids.shape().to_string());
+      }
+      layout.segment_ids = in.segment_ids.data();
+      for (std::int64_t n = 0; n < layout.tokens(); ++n) {
+        if (layout.segment_ids[n] < 0) {
+          throw ShapeError(op + ": segment id " + std::to_string(layout.segment_ids[n]) + " at token " +
+                           std::to_string(n) + " is negative; expected 0 (padding) or a positive sequence id");
+        }
+      }
+    }
+    if constexpr (kTask) {
+      const bool per_row = in.task_ids.rank() == 1 && in.task_ids.dim(0) == layout.rows;
+      const bool per_token = in.task_ids.numel() == layout.tokens() && in.task_ids.rank() == in.x.rank() - 1;
+      if (!per_row && !per_token) {
+        throw ShapeError(op + ": task routing needs task_ids of shape (" + std::to_string(layout.rows) +
+                         ") per row or (" + std::to_string(layout.rows) + ", " + std::to_string(layout.columns) +
+                         ") per token for x " + in.x.shape().to_string() + ", got " +
+                         in.task_ids.shape().to_string());
+      }
+    }
+    return layout;
+  }
+
+  // Permuted path: gather -> expert blocks -> combine.
+  void forward_permuted(CpuContext& ctx, const Scalar* x, Scalar* y, Cache& cache, bool training) const {
+    const auto& plan = cache.plan;
+    const std::int64_t N = plan.tokens, C = options_.d_model, F = options_.d_ff, R = plan.rows();
+    cache.dispatched.resize({R, C});
+    cache.hidden.resize({R, F});
+    cache.expert_out.resize({R, C});
+    const bool keep_pre = training && !std::is_same_v<Act, nn::Relu>;
+    if (keep_pre) cache.pre.resize({R, F});
+
+    const std::int64_t* row_token = plan.row_token.data();
+    Scalar* xd = cache.dispatched.data();
+    ctx.parallel_range(R, 64, [&](std::int64_t r0, std::int64_t r1) {
+      for (std::int64_t r = r0; r < r1; ++r) {
+        std::copy_n(x + row_token[r] * C, C, xd + r * C);
+      }
+    });
+    experts_forward<Act, Scalar, E>(ctx, cache.expert_out.data(), cache.hidden.data(),
+                                    keep_pre ? cache.pre.data() : nullptr, xd, wi_.data(), wo_.data(),
+                                    plan.expert_offset.data(), C, F);
+    // Combine: y_n = sum_j gate(n, j) * expert_out(row(n, j)), j ascending, one thread per token.
+    const Real* gate = plan.gate.data();
+    const std::int64_t* row = plan.row.data();
+    const Scalar* yo = cache.expert_out.data();
+    ctx.parallel_range(N, 32, [&](std::int64_t n0, std::int64_t n1) {
+      for (std::int64_t n = n0; n < n1; ++n) {
+        Scalar* yn = y + n * C;
+        std::fill_n(yn, C, Scalar(0));
+        for (int j = 0; j < K; ++j) {
+          const std::int64_t r = row[n * K + j];
+          if (r < 0) continue;
+          const Scalar g = static_cast<Scalar>(gate[n * K + j]);
+          const Scalar* src = yo + r * C;
+          for (std::int64_t c = 0; c < C; ++c) yn[c] += g * src[c];
+        }
+      }
+    });
+  }
+
+  // Task path: one contiguous range per task, K dense FFN calls each; no permutation when tasks are contiguous.
+  void forward_task_ranges(CpuContext& ctx, const Scalar* x, Scalar* y, Cache& cache,
+                           bool training) const {
+    const auto& plan = cache.plan;
+    const std::int64_t N = plan.tokens, C = options_.d_model, F = options_.d_ff;
+    const std::int32_t* gate_row = cache.gate_row.data();
+    cache.task_path = true;
+    cache.task_order.clear();
+    cache.task_range.clear();
+
+    // Maximal runs of one task; padding joins the run it sits in.
+    std::vector<std::uint8_t> seen(static_cast<std::size_t>(options_.num_tasks), 0);
+    bool contiguous = true;
+    std::int64_t begin = 0, current = -1;
+    for (std::int64_t n = 0; n < N; ++n) {
+      const std::int32_t t = gate_row[n];
+      if (t < 0 || t == current) continue;
+      if (current >= 0) cache.task_range.insert(cache.task_range.end(), {begin, n, current});
+      if (seen[static_cast<std::size_t>(t)]) contiguous = false;
+      seen[static_cast<std::size_t>(t)] = 1;
+      begin = current < 0 ? 0 : n;
+      current = t;
+    }
+    if (current >= 0) cache.task_range.insert(cache.task_range.end(), {begin, N, current});
+
+    const Scalar* xs = x;
+    Scalar* ys = y;
+    std::int64_t routed = N;
+    if (!contiguous) {
+      // Stable counting sort of the valid tokens by task; padding is left out.
+      std::vector<std::int64_t> count(static_cast<std::size_t>(options_.num_tasks) + 1, 0);
+      for (std::int64_t n = 0; n < N; ++n) {
+        if (gate_row[n] >= 0) ++count[static_cast<std::size_t>(gate_row[n]) + 1];
+      }
+      for (std::size_t t = 1; t < count.size(); ++t) count[t] += count[t - 1];
+      routed = count.back();
+      cache.task_range.clear();
+      for (std::int64_t t = 0; t < options_.num_tasks; ++t) {
+        const auto b = count[static_cast<std::size_t>(t)], e = count[static_cast<std::size_t>(t) + 1];
+        if (b < e) cache.task_range.insert(cache.task_range.end(), {b, e, t});
+      }
+      cache.task_order.assign(static_cast<std::size_t>(routed), 0);
+      for (std::int64_t n = 0; n < N; ++n) {
+        if (gate_row[n] >= 0) cache.task_order[static_cast<std::size_t>(count[static_cast<std::size_t>(gate_row[n])]++)] = n;
+      }
+      cache.task_x.resize({routed, C});
+      cache.task_y.resize({routed, C});
+      ctx.parallel_range(routed, 64, [&](std::int64_t r0, std::int64_t r1) {
+        for (std::int64_t r = r0; r < r1; ++r) {
+          std::copy_n(x + cache.task_order[static_cast<std::size_t>(r)] * C, C, cache.task_x.data() + r * C);
+        }
+      });
+      xs = cache.task_x.data();
+      ys = cache.task_y.data();
+    }
+
+    const bool keep_pre = training && !std::is_same_v<Act, nn::Relu>;
+    cache.hidden.resize({K, routed, F});
+    if (keep_pre) cache.pre.resize({K, routed, F});
+    const Real* probs = cache.probs.data();
+    for (std::size_t i = 0; i < cache.task_range.size(); i += 3) {
+      const std::int64_t b = cache.task_range[i], e = cache.task_range[i + 1], t = cache.task_range[i + 2];
+      // The task's experts and weights, identical for all its tokens: read them from its gate row.
+      std::int32_t experts[K];
+      Real weights[K];
+      task_choice(probs + t * E, experts, weights);
+      for (int j = 0; j < K; ++j) {
+        Scalar* h = cache.hidden.data() + (j * routed + b) * F;
+        Scalar* p = keep_pre ? cache.pre.data() + (j * routed + b) * F : nullptr;
+        expert_dense_forward<Act, Scalar>(ctx, ys + b * C, h, p, xs + b * C, e - b,
+                                          wi_.data() + static_cast<std::int64_t>(experts[j]) * F * C,
+                                          wo_.data() + static_cast<std::int64_t>(experts[j]) * C * F, C, F,
+                                          static_cast<Scalar>(weights[j]), j == 0 ? Scalar(0) : Scalar(1));
+      }
+    }
+    if (!contiguous) {
+      std::fill_n(y, N * C, Scalar(0));
+      ctx.parallel_range(routed, 64, [&](std::int64_t r0, std::int64_t r1) {
+        for (std::int64_t r = r0; r < r1; ++r) {
+          std::copy_n(ys + r * C, C, y + cache.task_order[static_cast<std::size_t>(r)] * C);
+        }
+      });
+    } else {
+      if (cache.task_range.empty()) std::fill_n(y, N * C, Scalar(0));
+      for (std::int64_t n = 0; n < N; ++n) {
+        if (gate_row[n] < 0) std::fill_n(y + n * C, C, Scalar(0));
+      }
+    }
+  }
+
+  // The K experts and final weights of one task's gate row: the gate of paper-spec 2.3 with nothing dropped.
+  static void task_choice(const Real* p, std::int32_t* experts, Real* weights) {
+    Real vals[K];
+    backend::cpu::top_k_row<K, Real>(p, E, vals, experts);
+    Real sum = 0;
+    for (int j = 0; j < K; ++j) sum += vals[j];
+    for (int j = 0; j < K; ++j) {
+      if constexpr (std::is_same_v<typename Config::normalize_type, NoNormalize>) {
+        weights[j] = vals[j];
+      } else if constexpr (std::is_same_v<typename Config::normalize_type, NormalizeBeforeDrop>) {
+        weights[j] = vals[j] / (sum + Real(1e-9));
+      } else {
+        const Real g = vals[j] / (sum + Real(1e-9));
+        Real d = 0;
+        for (int i = 0; i < K; ++i) d += vals[i] / (sum + Real(1e-9));
+        weights[j] = g / d;
+      }
+    }
+  }
+
+  static void fill_normal(TensorView<Scalar, Cpu> t, std::uint64_t seed, std::uint64_t stream, double sigma) {
+    const Philox rng(seed);
+    for (std::int64_t i = 0; i < t.numel(); ++i) {
+      const auto w = rng.block(static_cast<std::uint64_t>(i), stream);
+      t.data()[i] = static_cast<Scalar>(sigma * static_cast<double>(normal01(w[0], w[1])));
+    }
+  }
+
+  LayerOptions options_;
+  Tensor<Scalar, Cpu> gate_weight_;     // (E, C)
+  Tensor<Scalar, Cpu> task_embedding_;  // (tasks, C)
+  Tensor<Scalar, Cpu> wi_;              // (E, F, C)
+  Tensor<Scalar, Cpu> wo_;              // (E, C, F)
+};
+
+}  // namespace tmoe::moe
