@@ -30,6 +30,7 @@
 #include "tmoe/backend/cpu/ops.hpp"
 
 #include "tmoe/nn/activation.hpp"
+#include "tmoe/nn/parameter.hpp"
 
 #include "tmoe/io/dtype.hpp"
 #include "tmoe/io/safetensors.hpp"

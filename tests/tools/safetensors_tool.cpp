@@ -20,6 +20,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "tmoe/core/bf16.hpp"
@@ -155,28 +156,10 @@ tmoe::Tensor<T, tmoe::Cpu> expected_tensor(std::size_t t) {
   return out;
 }
 
+// The library's own dtype visitor (the tool tests the values, not this dispatch).
 template <class F>
 void with_type(DType d, F&& f) {
-  switch (d) {
-    case DType::kF32:
-      f(std::type_identity<float>{});
-      return;
-    case DType::kF64:
-      f(std::type_identity<double>{});
-      return;
-    case DType::kF16:
-      f(std::type_identity<tmoe::f16>{});
-      return;
-    case DType::kBF16:
-      f(std::type_identity<tmoe::bf16>{});
-      return;
-    case DType::kI32:
-      f(std::type_identity<std::int32_t>{});
-      return;
-    case DType::kI64:
-      f(std::type_identity<std::int64_t>{});
-      return;
-  }
+  tmoe::io::detail::visit_dtype(d, std::forward<F>(f));
 }
 
 bool skipped(const Spec& s, bool no_bf16) { return no_bf16 && s.dtype == DType::kBF16; }

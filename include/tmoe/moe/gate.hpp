@@ -134,14 +134,17 @@ void build_plan(CpuContext& ctx, RoutingPlan<Real, Cpu>& plan, ConstTensorView<R
     aux += E * acc;
   }
   plan.aux_loss = groups ? aux / static_cast<double>(groups) : 0.0;
+  // logsumexp once per gate row: since p = softmax(l), lse = l[e1] - log p[e1], and p[e1] >= 1/E never underflows.
+  std::vector<double> lse(static_cast<std::size_t>(G));
+  for (std::int64_t g = 0; g < G; ++g) {
+    const std::int32_t e1 = top_idx.data()[g * K];
+    lse[static_cast<std::size_t>(g)] = static_cast<double>(logits.data()[g * E + e1]) -
+                                       std::log(static_cast<double>(probs.data()[g * E + e1]));
+  }
   for (std::int64_t n = 0; n < N; ++n) {
     if (gate_row[n] < 0) continue;
-    const Real* l = logits.data() + static_cast<std::int64_t>(gate_row[n]) * E;
-    double mx = -std::numeric_limits<double>::infinity(), se = 0;
-    for (int e = 0; e < E; ++e) mx = std::max(mx, static_cast<double>(l[e]));
-    for (int e = 0; e < E; ++e) se += std::exp(static_cast<double>(l[e]) - mx);
-    const double lse = mx + std::log(se);
-    z += lse * lse;
+    const double l = lse[static_cast<std::size_t>(gate_row[n])];
+    z += l * l;
     ++valid;
   }
   plan.z_loss = valid ? z / static_cast<double>(valid) : 0.0;

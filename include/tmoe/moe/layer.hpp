@@ -44,6 +44,7 @@
 #include "tmoe/moe/gate.hpp"
 #include "tmoe/moe/router.hpp"
 #include "tmoe/moe/routing_plan.hpp"
+#include "tmoe/nn/parameter.hpp"
 
 namespace tmoe::moe {
 
@@ -128,10 +129,10 @@ class Layer<Config, Scalar, Cpu> {
                        std::to_string(options.group_size));
     }
     const std::int64_t C = options.d_model, F = options.d_ff;
-    gate_weight_ = Tensor<Scalar, Cpu>({E, C});
-    if constexpr (kTask) task_embedding_ = Tensor<Scalar, Cpu>({options.num_tasks, C});
-    wi_ = Tensor<Scalar, Cpu>({E, F, C});
-    wo_ = Tensor<Scalar, Cpu>({E, C, F});
+    gate_weight_ = nn::Parameter<Scalar, Cpu>({E, C});
+    if constexpr (kTask) task_embedding_ = nn::Parameter<Scalar, Cpu>({options.num_tasks, C});
+    wi_ = nn::Parameter<Scalar, Cpu>({E, F, C});
+    wo_ = nn::Parameter<Scalar, Cpu>({E, C, F});
   }
 
   [[nodiscard]] const LayerOptions& options() const noexcept { return options_; }
@@ -140,32 +141,37 @@ class Layer<Config, Scalar, Cpu> {
   /// 1/sqrt(C), wo sigma 1/sqrt(F), task embeddings sigma 1.
   void init(std::uint64_t seed) {
     const double C = static_cast<double>(options_.d_model), F = static_cast<double>(options_.d_ff);
-    fill_normal(gate_weight_.view(), seed, 0, std::sqrt(0.1 / C));
-    if constexpr (kTask) fill_normal(task_embedding_.view(), seed, 1, 1.0);
-    fill_normal(wi_.view(), seed, 2, 1.0 / std::sqrt(C));
-    fill_normal(wo_.view(), seed, 3, 1.0 / std::sqrt(F));
+    fill_normal(gate_weight_.value.view(), seed, 0, std::sqrt(0.1 / C));
+    if constexpr (kTask) fill_normal(task_embedding_.value.view(), seed, 1, 1.0);
+    fill_normal(wi_.value.view(), seed, 2, 1.0 / std::sqrt(C));
+    fill_normal(wo_.value.view(), seed, 3, 1.0 / std::sqrt(F));
   }
 
-  /// Parameters under their stable names, e.g. prefix "decoder.layers.3.moe" gives
-  /// "decoder.layers.3.moe.gate.weight".
+  /// Parameter values under their stable names, for io::save / io::load: prefix "decoder.layers.3.moe" gives
+  /// "decoder.layers.3.moe.gate.weight", ".task_embedding" (task routing), ".experts.wi", ".experts.wo".
   [[nodiscard]] NamedTensorViews<Scalar> parameters(const std::string& prefix = "") {
+    return nn::values_of(parameter_refs(prefix));
+  }
+
+  /// Values and gradients under the same names, for optimizers and gradient clipping.
+  [[nodiscard]] nn::ParameterRefs<Scalar, Cpu> parameter_refs(const std::string& prefix = "") {
     const std::string p = prefix.empty() ? "" : prefix + ".";
-    NamedTensorViews<Scalar> out;
-    out.push_back({p + "gate.weight", gate_weight_.view()});
-    if constexpr (kTask) out.push_back({p + "task_embedding", task_embedding_.view()});
-    out.push_back({p + "experts.wi", wi_.view()});
-    out.push_back({p + "experts.wo", wo_.view()});
+    nn::ParameterRefs<Scalar, Cpu> out;
+    out.push_back({p + "gate.weight", gate_weight_.value.view(), gate_weight_.grad.view()});
+    if constexpr (kTask) out.push_back({p + "task_embedding", task_embedding_.value.view(), task_embedding_.grad.view()});
+    out.push_back({p + "experts.wi", wi_.value.view(), wi_.grad.view()});
+    out.push_back({p + "experts.wo", wo_.value.view(), wo_.grad.view()});
     return out;
   }
 
-  [[nodiscard]] TensorView<Scalar, Cpu> gate_weight() noexcept { return gate_weight_.view(); }
+  [[nodiscard]] TensorView<Scalar, Cpu> gate_weight() noexcept { return gate_weight_.value.view(); }
   [[nodiscard]] TensorView<Scalar, Cpu> task_embedding() noexcept
     requires kTask
   {
-    return task_embedding_.view();
+    return task_embedding_.value.view();
   }
-  [[nodiscard]] TensorView<Scalar, Cpu> wi() noexcept { return wi_.view(); }
-  [[nodiscard]] TensorView<Scalar, Cpu> wo() noexcept { return wo_.view(); }
+  [[nodiscard]] TensorView<Scalar, Cpu> wi() noexcept { return wi_.value.view(); }
+  [[nodiscard]] TensorView<Scalar, Cpu> wo() noexcept { return wo_.value.view(); }
 
   /// out (same shape as x) = MoE(x): the weighted expert outputs only (add the residual outside). Padding and
   /// fully dropped tokens get zeros.
@@ -182,16 +188,16 @@ class Layer<Config, Scalar, Cpu> {
     if constexpr (std::is_same_v<Route, route::Token>) {
       for (std::int64_t n = 0; n < N; ++n) gate_row[n] = layout.valid(n) ? static_cast<std::int32_t>(n) : -1;
       cache.logits.resize({N, E});
-      Ops<Cpu>::gemm<Real>(ctx, cache.logits, in.x.reshape({N, C}), Trans::kN, gate_weight_, Trans::kT);
+      Ops<Cpu>::gemm<Real>(ctx, cache.logits, in.x.reshape({N, C}), Trans::kN, gate_weight_.value, Trans::kT);
     } else if constexpr (kSentence) {
       sentence_gate_rows<Real, Scalar>(layout, x, C, gate_row, cache.gate_input);
       cache.logits.resize({cache.gate_input.dim(0), E});
-      Ops<Cpu>::gemm<Real>(ctx, cache.logits, cache.gate_input, Trans::kN, gate_weight_, Trans::kT);
+      Ops<Cpu>::gemm<Real>(ctx, cache.logits, cache.gate_input, Trans::kN, gate_weight_.value, Trans::kT);
     } else {
       task_gate_rows(layout, in.task_ids.data(), in.task_ids.rank() == 2, options_.num_tasks, gate_row,
                      "moe::Layer::forward");
       cache.logits.resize({options_.num_tasks, E});
-      Ops<Cpu>::gemm<Real>(ctx, cache.logits, task_embedding_, Trans::kN, gate_weight_, Trans::kT);
+      Ops<Cpu>::gemm<Real>(ctx, cache.logits, task_embedding_.value, Trans::kN, gate_weight_.value, Trans::kT);
     }
     cache.probs.resize(cache.logits.shape());
     Ops<Cpu>::softmax<Real>(ctx, cache.probs, cache.logits);
@@ -280,7 +286,7 @@ class Layer<Config, Scalar, Cpu> {
       }
     });
     experts_forward<Act, Scalar, E>(ctx, cache.expert_out.data(), cache.hidden.data(),
-                                    keep_pre ? cache.pre.data() : nullptr, xd, wi_.data(), wo_.data(),
+                                    keep_pre ? cache.pre.data() : nullptr, xd, wi_.value.data(), wo_.value.data(),
                                     plan.expert_offset.data(), C, F);
     // Combine: y_n = sum_j gate(n, j) * expert_out(row(n, j)), j ascending, one thread per token.
     const Real* gate = plan.gate.data();
@@ -371,8 +377,8 @@ class Layer<Config, Scalar, Cpu> {
         Scalar* h = cache.hidden.data() + (j * routed + b) * F;
         Scalar* p = keep_pre ? cache.pre.data() + (j * routed + b) * F : nullptr;
         expert_dense_forward<Act, Scalar>(ctx, ys + b * C, h, p, xs + b * C, e - b,
-                                          wi_.data() + static_cast<std::int64_t>(experts[j]) * F * C,
-                                          wo_.data() + static_cast<std::int64_t>(experts[j]) * C * F, C, F,
+                                          wi_.value.data() + static_cast<std::int64_t>(experts[j]) * F * C,
+                                          wo_.value.data() + static_cast<std::int64_t>(experts[j]) * C * F, C, F,
                                           static_cast<Scalar>(weights[j]), j == 0 ? Scalar(0) : Scalar(1));
       }
     }
@@ -420,10 +426,10 @@ class Layer<Config, Scalar, Cpu> {
   }
 
   LayerOptions options_;
-  Tensor<Scalar, Cpu> gate_weight_;     // (E, C)
-  Tensor<Scalar, Cpu> task_embedding_;  // (tasks, C)
-  Tensor<Scalar, Cpu> wi_;              // (E, F, C)
-  Tensor<Scalar, Cpu> wo_;              // (E, C, F)
+  nn::Parameter<Scalar, Cpu> gate_weight_;     // (E, C)
+  nn::Parameter<Scalar, Cpu> task_embedding_;  // (tasks, C)
+  nn::Parameter<Scalar, Cpu> wi_;              // (E, F, C)
+  nn::Parameter<Scalar, Cpu> wo_;              // (E, C, F)
 };
 
 }  // namespace tmoe::moe
