@@ -92,6 +92,12 @@ struct LayerCache {
   std::vector<std::int64_t> task_range;   // task path: (begin, end, task) triples over that order
   Tensor<Scalar, Device> task_x;          // task path: gathered inputs when tasks were not contiguous
   Tensor<Scalar, Device> task_y;          // task path: outputs in task order, before scattering back
+  ConstTensorView<Scalar, Device> x;      // the forward input; it must outlive backward (llm.c style)
+  bool training = false;                  // forward ran in training mode (pre-activations kept if needed)
+  // Backward workspaces, reused across calls.
+  Tensor<Scalar, Device> d_expert_out, d_hidden, d_dispatched;  // (R, C), (R, F), (R, C)
+  Tensor<Real, Device> d_gate;                                  // (N, K) gradient of the final gate weights
+  Tensor<Real, Device> d_logits;                                // (G, E)
 };
 
 template <class Config, class Scalar>
@@ -181,6 +187,8 @@ class Layer<Config, Scalar, Cpu> {
     const TokenLayout layout = validate(in, out);
     const std::int64_t N = layout.tokens(), C = options_.d_model;
     const Scalar* x = in.x.data();
+    cache.x = in.x;
+    cache.training = args.training;
 
     // Gate rows and router logits (router precision).
     cache.gate_row.resize({N});
@@ -221,6 +229,41 @@ class Layer<Config, Scalar, Cpu> {
   /// The layer's auxiliary training loss: aux coefficient * aux loss + z coefficient * z-loss.
   [[nodiscard]] static double aux_loss(const Cache& cache) noexcept {
     return Config::aux_loss_coefficient * cache.plan.aux_loss + Config::z_loss_coefficient * cache.plan.z_loss;
+  }
+
+  /// Backward of forward() plus the gradient of aux_loss(cache): dx (x's shape) is OVERWRITTEN; gate weight,
+  /// task embedding and expert gradients ACCUMULATE.
+  ///
+  /// The output gradient reaches the experts through the combine weights and the gate through the expert outputs:
+  /// dG(n, j) = dout_n . FFN_e(x_n). From the final weights it flows through the chosen normalization to the
+  /// router probabilities, adds the aux-loss term (f_e held constant, as the loss is defined), goes through the
+  /// softmax, adds the z-loss term on the logits, and ends in the gate projection and the gate inputs: x (token),
+  /// the sequence means (sentence) or the task embedding (task). Dropped choices and padding get no expert
+  /// gradient; a random-policy skip is a constant of the step. `dout` rows of padding tokens are ignored, since
+  /// forward writes zeros there whatever the input.
+  /// @throws ShapeError for mismatched shapes; Error if the cache cannot support backward (a non-ReLU activation
+  ///         whose forward did not run with training = true keeps no pre-activations).
+  void backward(CpuContext& ctx, Cache& cache, ConstTensorView<Scalar, Cpu> dout, TensorView<Scalar, Cpu> dx) {
+    const std::string op = "moe::Layer::backward";
+    if (!(dout.shape() == cache.x.shape()) || !(dx.shape() == cache.x.shape())) {
+      throw ShapeError(op + ": dout and dx must have the forward input's shape " + cache.x.shape().to_string() +
+                       ", got dout " + dout.shape().to_string() + " and dx " + dx.shape().to_string());
+    }
+    if (!std::is_same_v<Act, nn::Relu> && !cache.training) {
+      throw Error(op + ": the " + std::string(Act::name) +
+                  " experts need their pre-activations; run forward with training = true before backward");
+    }
+    const auto& plan = cache.plan;
+    const std::int64_t N = plan.tokens;
+    cache.d_gate.resize({N, K});
+    std::fill_n(cache.d_gate.data(), N * K, Real(0));
+    std::fill_n(dx.data(), dx.numel(), Scalar(0));
+    if (cache.task_path) {
+      backward_task_ranges(ctx, cache, dout.data(), dx.data());
+    } else {
+      backward_permuted(ctx, cache, dout.data(), dx.data());
+    }
+    backward_gate(ctx, cache, dx.data());
   }
 
  private:
@@ -394,6 +437,283 @@ class Layer<Config, Scalar, Cpu> {
       for (std::int64_t n = 0; n < N; ++n) {
         if (gate_row[n] < 0) std::fill_n(y + n * C, C, Scalar(0));
       }
+    }
+  }
+
+  // Expert FFN backward over one contiguous block of `rows` rows:
+  //   dH = dY wo_e, dwo_e += dY^T H, dpre = dH * act'(pre), dwi_e += dpre^T X, dX = dpre wi_e.
+  void expert_backward(CpuContext& ctx, std::int64_t rows, int e, const Scalar* x, const Scalar* hidden,
+                       const Scalar* pre, const Scalar* dy, Scalar* dh, Scalar* dx_rows) {
+    using backend::cpu::MatrixRef;
+    const std::int64_t C = options_.d_model, F = options_.d_ff;
+    if (rows == 0) return;
+    const Scalar* wi = wi_.value.data() + static_cast<std::int64_t>(e) * F * C;
+    const Scalar* wo = wo_.value.data() + static_cast<std::int64_t>(e) * C * F;
+    Scalar* dwi = wi_.grad.data() + static_cast<std::int64_t>(e) * F * C;
+    Scalar* dwo = wo_.grad.data() + static_cast<std::int64_t>(e) * C * F;
+    backend::cpu::gemm_parallel<Scalar>(ctx, MatrixRef<Scalar>{dh, rows, F, F}, MatrixRef<const Scalar>{dy, rows, C, C},
+                                        Trans::kN, MatrixRef<const Scalar>{wo, C, F, F}, Trans::kN, Scalar(1), Scalar(0));
+    backend::cpu::gemm_parallel<Scalar>(ctx, MatrixRef<Scalar>{dwo, C, F, F}, MatrixRef<const Scalar>{dy, rows, C, C},
+                                        Trans::kT, MatrixRef<const Scalar>{hidden, rows, F, F}, Trans::kN, Scalar(1),
+                                        Scalar(1));
+    ctx.parallel_range(rows * F, 1 << 14, [&](std::int64_t b, std::int64_t end) {
+      for (std::int64_t i = b; i < end; ++i) {
+        // ReLU's derivative reads off the output (h > 0 iff pre > 0); other activations need the pre-activation.
+        dh[i] *= pre ? Act::derivative(pre[i]) : (hidden[i] > Scalar(0) ? Scalar(1) : Scalar(0));
+      }
+    });
+    backend::cpu::gemm_parallel<Scalar>(ctx, MatrixRef<Scalar>{dwi, F, C, C}, MatrixRef<const Scalar>{dh, rows, F, F},
+                                        Trans::kT, MatrixRef<const Scalar>{x, rows, C, C}, Trans::kN, Scalar(1),
+                                        Scalar(1));
+    backend::cpu::gemm_parallel<Scalar>(ctx, MatrixRef<Scalar>{dx_rows, rows, C, C},
+                                        MatrixRef<const Scalar>{dh, rows, F, F}, Trans::kN,
+                                        MatrixRef<const Scalar>{wi, F, C, C}, Trans::kN, Scalar(1), Scalar(0));
+  }
+
+  void backward_permuted(CpuContext& ctx, Cache& cache, const Scalar* dy, Scalar* dx) {
+    const auto& plan = cache.plan;
+    const std::int64_t N = plan.tokens, C = options_.d_model, F = options_.d_ff, R = plan.rows();
+    cache.d_expert_out.resize({R, C});
+    cache.d_hidden.resize({R, F});
+    cache.d_dispatched.resize({R, C});
+    const std::int64_t* row_token = plan.row_token.data();
+    const std::int32_t* row_choice = plan.row_choice.data();
+    const Real* gate = plan.gate.data();
+    Real* d_gate = cache.d_gate.data();
+    Scalar* dyo = cache.d_expert_out.data();
+    const Scalar* yo = cache.expert_out.data();
+    // Through the combine: d expert_out[r] = G(n, j) dy_n; dG(n, j) = dy_n . expert_out[r].
+    ctx.parallel_range(R, 64, [&](std::int64_t r0, std::int64_t r1) {
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const std::int64_t n = row_token[r];
+        const std::int32_t j = row_choice[r];
+        const Scalar g = static_cast<Scalar>(gate[n * K + j]);
+        const Scalar* dyn = dy + n * C;
+        Real dot = 0;
+        for (std::int64_t c = 0; c < C; ++c) {
+          dyo[r * C + c] = g * dyn[c];
+          dot += static_cast<Real>(dyn[c] * yo[r * C + c]);
+        }
+        d_gate[n * K + j] = dot;
+      }
+    });
+    const std::int64_t* offset = plan.expert_offset.data();
+    const Scalar* pre = cache.pre.numel() == R * F && cache.training && !std::is_same_v<Act, nn::Relu>
+                            ? cache.pre.data()
+                            : nullptr;
+    for (int e = 0; e < E; ++e) {
+      const std::int64_t r0 = offset[e], rows = offset[e + 1] - r0;
+      expert_backward(ctx, rows, e, cache.dispatched.data() + r0 * C, cache.hidden.data() + r0 * F,
+                      pre ? pre + r0 * F : nullptr, dyo + r0 * C, cache.d_hidden.data() + r0 * F,
+                      cache.d_dispatched.data() + r0 * C);
+    }
+    // Inverse permutation: dx_n = sum_j d_dispatched[row(n, j)], j ascending.
+    const std::int64_t* row = plan.row.data();
+    const Scalar* dxd = cache.d_dispatched.data();
+    ctx.parallel_range(N, 32, [&](std::int64_t n0, std::int64_t n1) {
+      for (std::int64_t n = n0; n < n1; ++n) {
+        for (int j = 0; j < K; ++j) {
+          const std::int64_t r = row[n * K + j];
+          if (r < 0) continue;
+          for (std::int64_t c = 0; c < C; ++c) dx[n * C + c] += dxd[r * C + c];
+        }
+      }
+    });
+  }
+
+  void backward_task_ranges(CpuContext& ctx, Cache& cache, const Scalar* dy, Scalar* dx) {
+    using backend::cpu::MatrixRef;
+    const auto& plan = cache.plan;
+    const std::int64_t N = plan.tokens, C = options_.d_model, F = options_.d_ff;
+    const bool permuted = !cache.task_order.empty();
+    const std::int64_t routed = permuted ? static_cast<std::int64_t>(cache.task_order.size()) : N;
+    const std::int32_t* gate_row = cache.gate_row.data();
+    auto token_of = [&](std::int64_t i) { return permuted ? cache.task_order[static_cast<std::size_t>(i)] : i; };
+    // Output gradient in task order, zero on padding rows (forward wrote zeros there regardless of input).
+    cache.d_expert_out.resize({routed, C});
+    cache.d_dispatched.resize({routed, C});
+    cache.d_hidden.resize({routed, F});
+    Scalar* dyt = cache.d_expert_out.data();
+    ctx.parallel_range(routed, 64, [&](std::int64_t i0, std::int64_t i1) {
+      for (std::int64_t i = i0; i < i1; ++i) {
+        const std::int64_t n = token_of(i);
+        if (gate_row[n] < 0) std::fill_n(dyt + i * C, C, Scalar(0));
+        else std::copy_n(dy + n * C, C, dyt + i * C);
+      }
+    });
+    const Scalar* xs = permuted ? cache.task_x.data() : cache.x.data();
+    std::vector<Scalar> scaled, yo;
+    Scalar* dxt = cache.d_dispatched.data();
+    std::fill_n(dxt, routed * C, Scalar(0));
+    std::vector<Scalar> dx_part;
+    const Real* probs = cache.probs.data();
+    for (std::size_t i = 0; i < cache.task_range.size(); i += 3) {
+      const std::int64_t b = cache.task_range[i], e = cache.task_range[i + 1], t = cache.task_range[i + 2];
+      const std::int64_t rows = e - b;
+      std::int32_t experts[K];
+      Real weights[K];
+      task_choice(probs + t * E, experts, weights);
+      scaled.resize(static_cast<std::size_t>(rows * C));
+      yo.resize(static_cast<std::size_t>(rows * C));
+      dx_part.resize(static_cast<std::size_t>(rows * C));
+      for (int j = 0; j < K; ++j) {
+        const Scalar* h = cache.hidden.data() + (j * routed + b) * F;
+        const Scalar* pre = cache.training && !std::is_same_v<Act, nn::Relu> ? cache.pre.data() + (j * routed + b) * F
+                                                                             : nullptr;
+        const Scalar* wo = wo_.value.data() + static_cast<std::int64_t>(experts[j]) * C * F;
+        // FFN_j(x) for the gate gradient, recomputed from the kept hidden activations.
+        backend::cpu::gemm_parallel<Scalar>(ctx, MatrixRef<Scalar>{yo.data(), rows, C, C},
+                                            MatrixRef<const Scalar>{h, rows, F, F}, Trans::kN,
+                                            MatrixRef<const Scalar>{wo, C, F, F}, Trans::kT, Scalar(1), Scalar(0));
+        const Scalar g = static_cast<Scalar>(weights[j]);
+        for (std::int64_t r = 0; r < rows; ++r) {
+          const Scalar* dyr = dyt + (b + r) * C;
+          Real dot = 0;
+          for (std::int64_t c = 0; c < C; ++c) {
+            scaled[static_cast<std::size_t>(r * C + c)] = g * dyr[c];
+            dot += static_cast<Real>(dyr[c] * yo[static_cast<std::size_t>(r * C + c)]);
+          }
+          const std::int64_t n = token_of(b + r);
+          if (gate_row[n] >= 0) cache.d_gate.data()[n * K + j] = dot;
+        }
+        expert_backward(ctx, rows, experts[j], xs + b * C, h, pre, scaled.data(), cache.d_hidden.data() + b * F,
+                        dx_part.data());
+        for (std::int64_t q = 0; q < rows * C; ++q) dxt[b * C + q] += dx_part[static_cast<std::size_t>(q)];
+      }
+    }
+    ctx.parallel_range(routed, 64, [&](std::int64_t i0, std::int64_t i1) {
+      for (std::int64_t i = i0; i < i1; ++i) {
+        const std::int64_t n = token_of(i);
+        if (gate_row[n] < 0) continue;
+        std::copy_n(dxt + i * C, C, dx + n * C);
+      }
+    });
+  }
+
+  // From dG (N, K) to the router: normalization, aux loss, softmax, z-loss, gate projection, gate inputs.
+  void backward_gate(CpuContext& ctx, Cache& cache, Scalar* dx) {
+    using Norm = typename Config::normalize_type;
+    const auto& plan = cache.plan;
+    const std::int64_t N = plan.tokens, C = options_.d_model;
+    const std::int64_t G = cache.probs.dim(0);
+    const std::int32_t* gate_row = cache.gate_row.data();
+    const std::int32_t* expert = plan.expert.data();
+    const std::uint8_t* disp = plan.dispatched.data();
+    const Real* dG = cache.d_gate.data();
+    const Real* probs = cache.probs.data();
+    std::vector<Real> dp(static_cast<std::size_t>(G * E), Real(0));
+
+    // Normalization, token by token in order (tokens sharing a gate row add up in a fixed order).
+    for (std::int64_t n = 0; n < N; ++n) {
+      const std::int32_t g = gate_row[n];
+      if (g < 0) continue;
+      Real v[K];
+      for (int j = 0; j < K; ++j) v[j] = probs[g * E + expert[n * K + j]];
+      Real* dpr = dp.data() + static_cast<std::int64_t>(g) * E;
+      if constexpr (std::is_same_v<Norm, NoNormalize>) {
+        for (int j = 0; j < K; ++j) dpr[expert[n * K + j]] += disp[n * K + j] ? dG[n * K + j] : Real(0);
+      } else if constexpr (std::is_same_v<Norm, NormalizeBeforeDrop>) {
+        // G_j = disp_j v_j / den, den = sum_i v_i + 1e-9 over all K choices.
+        Real den = Real(1e-9), acc = 0;
+        for (int j = 0; j < K; ++j) den += v[j];
+        for (int j = 0; j < K; ++j) acc += disp[n * K + j] ? dG[n * K + j] * v[j] : Real(0);
+        for (int i = 0; i < K; ++i) {
+          const Real own = disp[n * K + i] ? dG[n * K + i] / den : Real(0);
+          dpr[expert[n * K + i]] += own - acc / (den * den);
+        }
+      } else {
+        // G_j = disp_j v_j / sum over dispatched v (the 1e-9 cancels between the two normalizations).
+        Real sk = 0, acc = 0;
+        for (int j = 0; j < K; ++j) {
+          if (!disp[n * K + j]) continue;
+          sk += v[j];
+          acc += dG[n * K + j] * v[j];
+        }
+        if (sk <= 0) continue;
+        for (int i = 0; i < K; ++i) {
+          if (!disp[n * K + i]) continue;
+          dpr[expert[n * K + i]] += dG[n * K + i] / sk - acc / (sk * sk);
+        }
+      }
+    }
+
+    // Aux loss: d/dp(s, e) of coef * mean_groups(E * sum_e f_e m_e), m_e = (1/S) sum_s p(s, e), f constant.
+    constexpr double aux_coef = Config::aux_loss_coefficient;
+    if (aux_coef != 0.0 && N > 0) {
+      const std::int64_t S = plan.group_size;
+      const std::int64_t groups = (N + S - 1) / S;
+      for (std::int64_t g0 = 0; g0 < N; g0 += S) {
+        const std::int64_t g1 = std::min(N, g0 + S);
+        const double s = static_cast<double>(g1 - g0);
+        double f[E] = {};
+        for (std::int64_t n = g0; n < g1; ++n) {
+          if (gate_row[n] >= 0) f[expert[n * K]] += 1.0 / s;
+        }
+        for (std::int64_t n = g0; n < g1; ++n) {
+          if (gate_row[n] < 0) continue;
+          Real* dpr = dp.data() + static_cast<std::int64_t>(gate_row[n]) * E;
+          for (int e = 0; e < E; ++e) {
+            dpr[e] += static_cast<Real>(aux_coef * E * f[e] / (s * static_cast<double>(groups)));
+          }
+        }
+      }
+    }
+
+    // Softmax backward per gate row, then the z-loss on the logits.
+    cache.d_logits.resize({G, E});
+    Real* dl = cache.d_logits.data();
+    for (std::int64_t g = 0; g < G; ++g) {
+      const Real* p = probs + g * E;
+      const Real* d = dp.data() + g * E;
+      Real dot = 0;
+      for (int e = 0; e < E; ++e) dot += p[e] * d[e];
+      for (int e = 0; e < E; ++e) dl[g * E + e] = p[e] * (d[e] - dot);
+    }
+    constexpr double z_coef = Config::z_loss_coefficient;
+    if (z_coef != 0.0) {
+      std::int64_t valid = 0;
+      for (std::int64_t n = 0; n < N; ++n) valid += gate_row[n] >= 0 ? 1 : 0;
+      for (std::int64_t n = 0; n < N; ++n) {
+        const std::int32_t g = gate_row[n];
+        if (g < 0) continue;
+        const Real* p = probs + static_cast<std::int64_t>(g) * E;
+        Real mx = cache.logits.data()[static_cast<std::int64_t>(g) * E];
+        for (int e = 0; e < E; ++e) mx = std::max(mx, cache.logits.data()[static_cast<std::int64_t>(g) * E + e]);
+        Real se = 0;
+        for (int e = 0; e < E; ++e) se += std::exp(cache.logits.data()[static_cast<std::int64_t>(g) * E + e] - mx);
+        const Real lse = mx + std::log(se);
+        for (int e = 0; e < E; ++e) {
+          dl[static_cast<std::int64_t>(g) * E + e] += static_cast<Real>(2.0 * z_coef / static_cast<double>(valid)) * lse * p[e];
+        }
+      }
+    }
+
+    // logits = gin Wg^T: dWg += dl^T gin; dgin = dl Wg, then into the gate inputs.
+    if constexpr (std::is_same_v<Route, route::Token>) {
+      Ops<Cpu>::gemm<Real>(ctx, gate_weight_.grad, cache.d_logits, Trans::kT, cache.x.reshape({N, C}), Trans::kN,
+                           Real(1), Real(1));
+      Ops<Cpu>::gemm<Real>(ctx, TensorView<Scalar, Cpu>(dx, Shape{N, C}), cache.d_logits, Trans::kN,
+                           gate_weight_.value, Trans::kN, Real(1), Real(1));
+    } else if constexpr (kSentence) {
+      Ops<Cpu>::gemm<Real>(ctx, gate_weight_.grad, cache.d_logits, Trans::kT, cache.gate_input, Trans::kN, Real(1),
+                           Real(1));
+      Tensor<Real, Cpu> dmean({G, C});
+      Ops<Cpu>::gemm<Real>(ctx, dmean, cache.d_logits, Trans::kN, gate_weight_.value, Trans::kN);
+      std::vector<std::int64_t> count(static_cast<std::size_t>(G), 0);
+      for (std::int64_t n = 0; n < N; ++n) {
+        if (gate_row[n] >= 0) ++count[static_cast<std::size_t>(gate_row[n])];
+      }
+      for (std::int64_t n = 0; n < N; ++n) {
+        const std::int32_t g = gate_row[n];
+        if (g < 0) continue;
+        const Real inv = Real(1) / static_cast<Real>(count[static_cast<std::size_t>(g)]);
+        for (std::int64_t c = 0; c < C; ++c) dx[n * C + c] += static_cast<Scalar>(dmean.data()[g * C + c] * inv);
+      }
+    } else {
+      Ops<Cpu>::gemm<Real>(ctx, gate_weight_.grad, cache.d_logits, Trans::kT, task_embedding_.value, Trans::kN,
+                           Real(1), Real(1));
+      Ops<Cpu>::gemm<Real>(ctx, task_embedding_.grad, cache.d_logits, Trans::kN, gate_weight_.value, Trans::kN,
+                           Real(1), Real(1));
     }
   }
 
