@@ -131,7 +131,7 @@ TEST_SUITE("ops_cpu") {
     for (int threads : {1, 2, 3}) {
       CpuContext ctx(threads);
       for (const auto& mnk : {std::array<std::int64_t, 3>{37, 41, 29}, {1, 203, 77}, {130, 3, 65}, {0, 5, 7},
-                              {6, 9, 0}, {301, 257, 13}}) {
+                              {6, 9, 0}, {301, 257, 13}, {2, 45, 33}, {16, 70, 100}, {5, 3, 16}}) {
         const std::int64_t m = mnk[0], n = mnk[1], k = mnk[2];
         for (Trans ta : {Trans::kN, Trans::kT}) {
           for (Trans tb : {Trans::kN, Trans::kT}) {

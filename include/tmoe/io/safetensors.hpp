@@ -83,8 +83,6 @@ static_assert(sizeof(f16) == 2 && sizeof(bf16) == 2, "f16 and bf16 must be exact
 static_assert(std::endian::native == std::endian::little || std::endian::native == std::endian::big,
               "safetensors I/O needs a little- or big-endian host");
 
-/// "'path'" for messages.
-inline std::string path_str(const std::filesystem::path& p) { return "'" + p.string() + "'"; }
 /// "'name'" for messages.
 inline std::string quote(std::string_view s) {
   std::string q;  // appended piecewise: g++ 12 misreports -Wrestrict on `literal + std::string&&` (GCC bug 105651)
@@ -94,6 +92,8 @@ inline std::string quote(std::string_view s) {
   q += '\'';
   return q;
 }
+/// "'path'" for messages.
+inline std::string path_str(const std::filesystem::path& p) { return quote(p.string()); }
 
 template <std::unsigned_integral U>
 constexpr U byteswap(U v) noexcept {

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "tmoe/backend/cpu/context.hpp"
@@ -30,6 +31,93 @@ struct MatrixRef {
   std::int64_t rows, cols, ld;
 };
 
+/// Rows of `c = a * b^T` (2 up to this many) computed by streaming b instead of Eigen's GEMM. Eigen packs b into
+/// panels on every call and its micro-kernel wants many rows of a; with a few rows (decoding, tokens spread over
+/// many experts) packing costs as much as the arithmetic while the weights stream at memory speed anyway. One row
+/// goes to Eigen's GEMV, which already streams.
+inline constexpr std::int64_t kStreamRows = 16;
+
+namespace detail {
+
+/// A cache line of S as a GCC/Clang vector: one AVX-512 register, two AVX or four SSE ones, whatever the target
+/// has. Values of this type never cross a function boundary, which keeps the ABI independent of the target.
+template <class S>
+struct Lanes {
+  static constexpr int kCount = 64 / static_cast<int>(sizeof(S));
+  typedef S type __attribute__((vector_size(64)));  // NOLINT(modernize-use-using): the attribute needs typedef
+};
+
+/// c(i, j) = alpha * dot(a_i, b_j) + beta * c(i, j) for RB rows of a and FB rows of b. RB * FB vector accumulators
+/// take each loaded lane of b RB times and each lane of a FB times; lanes are summed once at the end, so the
+/// summation order is fixed and no fast-math is needed to vectorize.
+template <int RB, int FB, class S>
+inline void stream_block(S* c, std::int64_t ldc, const S* a, std::int64_t lda, const S* b, std::int64_t ldb,
+                         std::int64_t k, S alpha, S beta) {
+  using V = typename Lanes<S>::type;
+  constexpr int L = Lanes<S>::kCount;
+  V acc[RB][FB];
+  for (int i = 0; i < RB; ++i) {
+    for (int j = 0; j < FB; ++j) acc[i][j] = V{};
+  }
+  std::int64_t p = 0;
+  for (; p + L <= k; p += L) {
+    V bv[FB];
+    for (int j = 0; j < FB; ++j) std::memcpy(&bv[j], b + j * ldb + p, sizeof(V));
+    for (int i = 0; i < RB; ++i) {
+      V av;
+      std::memcpy(&av, a + i * lda + p, sizeof(V));
+      for (int j = 0; j < FB; ++j) acc[i][j] += av * bv[j];
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    for (int j = 0; j < FB; ++j) {
+      S sum = 0;
+      for (int l = 0; l < L; ++l) sum += acc[i][j][l];
+      const S* at = a + i * lda + p;
+      const S* bt = b + j * ldb + p;
+      for (std::int64_t q = 0, tail = k - p; q < tail; ++q) sum += at[q] * bt[q];
+      S& dst = c[i * ldc + j];
+      dst = beta == S(0) ? alpha * sum : alpha * sum + beta * dst;
+    }
+  }
+}
+
+/// Rows [i, i + RB) of a against every row of b, two rows of b at a time.
+template <int RB, class S>
+void stream_rows(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, std::int64_t i, S alpha, S beta) {
+  std::int64_t j = 0;
+  for (; j + 2 <= b.rows; j += 2) {
+    stream_block<RB, 2>(c.data + i * c.ld + j, c.ld, a.data + i * a.ld, a.ld, b.data + j * b.ld, b.ld, a.cols, alpha,
+                        beta);
+  }
+  if (j < b.rows) {
+    stream_block<RB, 1>(c.data + i * c.ld + j, c.ld, a.data + i * a.ld, a.ld, b.data + j * b.ld, b.ld, a.cols, alpha,
+                        beta);
+  }
+}
+
+/// c (m, n) = alpha * a (m, k) b (n, k)^T + beta * c for small m, without packing. b is walked in tiles of 32 rows
+/// that stay in L1/L2 while every block of 4 rows of a passes over them, so b is read from memory once.
+template <class S>
+void gemm_stream_abt(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, S alpha, S beta) {
+  constexpr std::int64_t kTile = 32;
+  for (std::int64_t j0 = 0; j0 < b.rows; j0 += kTile) {
+    const std::int64_t nt = std::min(b.rows - j0, kTile);
+    const MatrixRef<S> ct{c.data + j0, c.rows, nt, c.ld};
+    const MatrixRef<const S> bt{b.data + j0 * b.ld, nt, b.cols, b.ld};
+    std::int64_t i = 0;
+    for (; i + 4 <= c.rows; i += 4) stream_rows<4>(ct, a, bt, i, alpha, beta);
+    switch (c.rows - i) {  // the remainder's block height is a compile-time constant too
+      case 3: stream_rows<3>(ct, a, bt, i, alpha, beta); break;
+      case 2: stream_rows<2>(ct, a, bt, i, alpha, beta); break;
+      case 1: stream_rows<1>(ct, a, bt, i, alpha, beta); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace detail
+
 /// c = alpha * op(a) op(b) + beta * c on the calling thread. Shapes are trusted.
 template <class S>
 void gemm_serial(MatrixRef<S> c, MatrixRef<const S> a, Trans ta, MatrixRef<const S> b, Trans tb, S alpha,
@@ -40,6 +128,10 @@ void gemm_serial(MatrixRef<S> c, MatrixRef<const S> a, Trans ta, MatrixRef<const
   if (k == 0) {
     if (beta == S(0)) C.setZero();
     else if (beta != S(1)) C *= beta;
+    return;
+  }
+  if (ta == Trans::kN && tb == Trans::kT && c.rows > 1 && c.rows <= kStreamRows) {
+    detail::gemm_stream_abt(c, a, b, alpha, beta);
     return;
   }
   auto A = map(a.data, a.rows, a.cols, a.ld);

@@ -72,6 +72,39 @@ struct Ops<Cpu> {
                     ConstTensorView<S, Cpu> in) {
     backend::cpu::top_k_rows<K, S>(ctx, values, indices, in);
   }
+  /// din = y * (dout - rowsum(dout * y)): backward of a row softmax with output y. din may alias dout.
+  template <class S>
+  static void softmax_backward(CpuContext& ctx, TensorView<S, Cpu> din, ConstTensorView<S, Cpu> dout,
+                               ConstTensorView<S, Cpu> y) {
+    backend::cpu::softmax_backward_rows<S>(ctx, din, dout, y);
+  }
+
+  /// Layer-norm backward: din overwritten, dgamma and dbeta accumulated.
+  template <class S>
+  static void layernorm_backward(CpuContext& ctx, TensorView<S, Cpu> din, TensorView<S, Cpu> dgamma,
+                                 TensorView<S, Cpu> dbeta, ConstTensorView<S, Cpu> dout, ConstTensorView<S, Cpu> in,
+                                 ConstTensorView<S, Cpu> mean, ConstTensorView<S, Cpu> rstd,
+                                 ConstTensorView<S, Cpu> gamma) {
+    backend::cpu::layernorm_backward<S>(ctx, din, dgamma, dbeta, dout, in, mean, rstd, gamma);
+  }
+
+  /// out (n) += sum over rows of in (rows, n).
+  template <class S>
+  static void row_sum_accumulate(CpuContext& ctx, TensorView<S, Cpu> out, ConstTensorView<S, Cpu> in) {
+    backend::cpu::row_sum_accumulate<S>(ctx, out, in);
+  }
+
+  /// out (rows, n) += v (n) on every row.
+  template <class S>
+  static void add_row_vector(CpuContext& ctx, TensorView<S, Cpu> out, ConstTensorView<S, Cpu> v) {
+    backend::cpu::add_row_vector<S>(ctx, out, v);
+  }
+
+  /// y += alpha * x.
+  template <class S>
+  static void axpy(CpuContext& ctx, TensorView<S, Cpu> y, ConstTensorView<S, Cpu> x, S alpha = S(1)) {
+    backend::cpu::axpy<S>(ctx, y, x, alpha);
+  }
 };
 
 }  // namespace tmoe

@@ -1,0 +1,340 @@
+#pragma once
+/// @file attention.hpp
+/// @brief nn::MultiHeadAttention: scaled dot-product attention over H heads ("Attention is all you need" 3.2),
+/// self- or cross-attention, with a causal mask and a key padding mask, and its backward.
+///
+/// Per batch row b and head h, with D = C / H and Q, K, V the projected inputs split into heads:
+///   S = Q K^T / sqrt(D)  (Tq, Tk),   P = softmax over the allowed keys of each row,   O = P V  (Tq, D)
+///   y = o_proj(concat_h O).
+/// Query i may attend key j when the key is valid (key_padding[b, j] == 1) and, with the causal flag, j <= i
+/// (top-left aligned when Tq != Tk). The softmax subtracts the row maximum over the allowed keys and runs in the
+/// scalar type. A row with no allowed key gets P = 0: its heads' output is zero (so y's row is o_proj's bias) and
+/// no gradient flows through it, never NaN.
+///
+/// Gradient rule: backward ACCUMULATES into the four projections' parameter gradients and OVERWRITES dx (and
+/// dmemory for cross-attention).
+///
+/// Parameters, relative to the prefix: `q_proj.weight` (C, C), `q_proj.bias` (C), and likewise `k_proj`, `v_proj`,
+/// `o_proj`; the biases only when enabled.
+///
+/// @code
+/// tmoe::CpuContext ctx{2};
+/// tmoe::nn::MultiHeadAttention<float, tmoe::Cpu> attn({.d_model = 512, .heads = 8});
+/// attn.init(9);
+/// tmoe::Tensor<float, tmoe::Cpu> x({8, 128, 512}), y({8, 128, 512});
+/// decltype(attn)::Cache cache;
+/// attn.forward(ctx, {.x = x, .causal = true}, y, cache);          // decoder self-attention
+/// attn.forward(ctx, {.x = x, .memory = enc, .key_padding = enc_mask}, y, cache);   // cross-attention
+/// @endcode
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "tmoe/backend/cpu/ops.hpp"
+#include "tmoe/core/error.hpp"
+#include "tmoe/core/named_tensor.hpp"
+#include "tmoe/core/tensor.hpp"
+#include "tmoe/detail/nn_shapes.hpp"
+#include "tmoe/nn/init.hpp"
+#include "tmoe/nn/linear.hpp"
+#include "tmoe/nn/parameter.hpp"
+
+namespace tmoe::nn {
+
+/// Sizes of a MultiHeadAttention.
+struct AttentionOptions {
+  std::int64_t d_model = 0;  ///< C
+  std::int64_t heads = 0;    ///< H, must divide C
+  bool bias = true;          ///< biases in the four projections
+};
+
+/// One attention call's inputs.
+template <class Scalar, DeviceTag Device>
+struct AttentionInput {
+  ConstTensorView<Scalar, Device> x;                    ///< (B, Tq, C) queries (and keys/values if no memory)
+  ConstTensorView<Scalar, Device> memory{};             ///< (B, Tk, C) keys and values; empty = self-attention
+  ConstTensorView<std::int32_t, Device> key_padding{};  ///< (B, Tk) 1 = valid key, 0 = padding; empty = all valid
+  bool causal = false;                                  ///< query i attends keys j <= i only
+};
+
+/// What MultiHeadAttention::backward needs, plus its workspaces (reused across calls).
+template <class Scalar, DeviceTag Device>
+struct AttentionCache {
+  LinearCache<Scalar, Device> q_proj, k_proj, v_proj, o_proj;  // views of x, memory (or x), x, attn
+  Tensor<Scalar, Device> q;                                    // (B, Tq, C)
+  Tensor<Scalar, Device> k;                                    // (B, Tk, C)
+  Tensor<Scalar, Device> v;                                    // (B, Tk, C)
+  Tensor<Scalar, Device> probs;                                // (B, H, Tq, Tk) zero where masked
+  Tensor<Scalar, Device> attn;                                 // (B, Tq, C) heads concatenated
+  bool cross = false;                                          // memory was given
+  // Backward workspaces.
+  Tensor<Scalar, Device> dattn, dq, dk, dv;  // (B, Tq, C), (B, Tq, C), (B, Tk, C), (B, Tk, C)
+  Tensor<Scalar, Device> dprobs;             // (B, H, Tq, Tk)
+  Tensor<Scalar, Device> dinput;             // (B, Tk, C) a projection's input gradient before summation
+};
+
+template <class Scalar, DeviceTag Device>
+class MultiHeadAttention;
+
+/// @tparam Scalar float or double.
+template <class Scalar>
+class MultiHeadAttention<Scalar, Cpu> {
+  static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
+                "nn::MultiHeadAttention<Scalar, Cpu>: the CPU back-end computes in float or double.");
+
+ public:
+  using scalar_type = Scalar;
+  using device_type = Cpu;
+  using Cache = AttentionCache<Scalar, Cpu>;
+  using Input = AttentionInput<Scalar, Cpu>;
+
+  MultiHeadAttention() = default;
+
+  /// @throws ShapeError if C or H is not positive or H does not divide C.
+  explicit MultiHeadAttention(AttentionOptions options)
+      : options_(checked(options)),
+        q_proj_(options.d_model, options.d_model, options.bias),
+        k_proj_(options.d_model, options.d_model, options.bias),
+        v_proj_(options.d_model, options.d_model, options.bias),
+        o_proj_(options.d_model, options.d_model, options.bias) {}
+
+  [[nodiscard]] const AttentionOptions& options() const noexcept { return options_; }
+  [[nodiscard]] std::int64_t head_dim() const noexcept { return options_.d_model / options_.heads; }
+  [[nodiscard]] Linear<Scalar, Cpu>& q_proj() noexcept { return q_proj_; }
+  [[nodiscard]] Linear<Scalar, Cpu>& k_proj() noexcept { return k_proj_; }
+  [[nodiscard]] Linear<Scalar, Cpu>& v_proj() noexcept { return v_proj_; }
+  [[nodiscard]] Linear<Scalar, Cpu>& o_proj() noexcept { return o_proj_; }
+
+  /// Projection i (q, k, v, o) initialized by Linear::init with sub_seed(seed, i).
+  void init(std::uint64_t seed) {
+    q_proj_.init(sub_seed(seed, 0));
+    k_proj_.init(sub_seed(seed, 1));
+    v_proj_.init(sub_seed(seed, 2));
+    o_proj_.init(sub_seed(seed, 3));
+  }
+
+  /// "{prefix}.q_proj.weight", "{prefix}.q_proj.bias", ... "{prefix}.o_proj.bias" values.
+  [[nodiscard]] NamedTensorViews<Scalar> parameters(const std::string& prefix = "") {
+    return values_of(parameter_refs(prefix));
+  }
+
+  /// Values and gradients under the same names as parameters().
+  [[nodiscard]] ParameterRefs<Scalar, Cpu> parameter_refs(const std::string& prefix = "") {
+    const std::string p = prefix.empty() ? "" : prefix + ".";
+    ParameterRefs<Scalar, Cpu> out;
+    const std::pair<const char*, Linear<Scalar, Cpu>*> subs[] = {
+        {"q_proj", &q_proj_}, {"k_proj", &k_proj_}, {"v_proj", &v_proj_}, {"o_proj", &o_proj_}};
+    for (const auto& [name, sub] : subs) {
+      for (auto& r : sub->parameter_refs(p + name)) out.push_back(std::move(r));
+    }
+    return out;
+  }
+
+  /// y (B, Tq, C) = attention of in.x over in.memory (or over in.x itself). Keeps views of x, memory and
+  /// key_padding in `cache`; the caller keeps them alive until backward.
+  /// @throws ShapeError if x is not (B, Tq, C), memory not (B, Tk, C), key_padding not (B, Tk) of 0/1 values,
+  /// or y not x's shape.
+  void forward(CpuContext& ctx, const Input& in, TensorView<Scalar, Cpu> y, Cache& cache) const {
+    const char* op = "MultiHeadAttention::forward";
+    const std::int64_t C = options_.d_model, H = options_.heads, D = C / H;
+    if (in.x.rank() != 3 || in.x.dim(2) != C) {
+      std::string m = op;
+      m += ": x must be (B, T, ";
+      m += std::to_string(C);
+      m += "), got shape ";
+      m += in.x.shape().to_string();
+      throw ShapeError(m);
+    }
+    const std::int64_t B = in.x.dim(0), Tq = in.x.dim(1);
+    const bool cross = in.memory.data() != nullptr || in.memory.rank() != 0;
+    if (cross && (in.memory.rank() != 3 || in.memory.dim(0) != B || in.memory.dim(2) != C)) {
+      std::string m = op;
+      m += ": memory must be (";
+      m += std::to_string(B);
+      m += ", Tk, ";
+      m += std::to_string(C);
+      m += ") for x ";
+      m += in.x.shape().to_string();
+      m += ", got shape ";
+      m += in.memory.shape().to_string();
+      throw ShapeError(m);
+    }
+    const ConstTensorView<Scalar, Cpu> mem = cross ? in.memory : in.x;
+    const std::int64_t Tk = mem.dim(1);
+    const bool padded = in.key_padding.data() != nullptr || in.key_padding.rank() != 0;
+    if (padded) {
+      require_shape(op, "key_padding", in.key_padding, Shape{B, Tk});
+      for (std::int64_t n = 0; n < B * Tk; ++n) {
+        const std::int32_t f = in.key_padding.data()[n];
+        if (f != 0 && f != 1) {
+          std::string m = op;
+          m += ": key_padding";
+          m += detail::index_string(in.key_padding.shape(), n);
+          m += " = ";
+          m += std::to_string(f);
+          m += ", expected 1 (valid key) or 0 (padding)";
+          throw ShapeError(m);
+        }
+      }
+    }
+    require_shape(op, "y", y, in.x.shape());
+
+    cache.cross = cross;
+    cache.q.resize({B, Tq, C});
+    cache.k.resize({B, Tk, C});
+    cache.v.resize({B, Tk, C});
+    cache.probs.resize({B, H, Tq, Tk});
+    cache.attn.resize({B, Tq, C});
+    q_proj_.forward(ctx, in.x, cache.q, cache.q_proj);
+    k_proj_.forward(ctx, mem, cache.k, cache.k_proj);
+    v_proj_.forward(ctx, mem, cache.v, cache.v_proj);
+
+    const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(D));
+    const std::int32_t* pad = padded ? in.key_padding.data() : nullptr;
+    const bool causal = in.causal;
+    const Scalar* q = cache.q.data();
+    const Scalar* k = cache.k.data();
+    const Scalar* v = cache.v.data();
+    Scalar* probs = cache.probs.data();
+    Scalar* attn = cache.attn.data();
+    // One task per (b, h): each writes its own probability block and its own D columns of attn.
+    ctx.parallel(B * H, [&](std::int64_t bh) {
+      const std::int64_t b = bh / H, h = bh % H;
+      Scalar* P = probs + bh * Tq * Tk;
+      using backend::cpu::MatrixRef;
+      backend::cpu::gemm_serial<Scalar>(
+          MatrixRef<Scalar>{P, Tq, Tk, Tk}, MatrixRef<const Scalar>{q + b * Tq * C + h * D, Tq, D, C}, Trans::kN,
+          MatrixRef<const Scalar>{k + b * Tk * C + h * D, Tk, D, C}, Trans::kT, scale, Scalar(0));
+      for (std::int64_t i = 0; i < Tq; ++i) {
+        masked_softmax_row(P + i * Tk, Tk, causal ? std::min(i + 1, Tk) : Tk, pad ? pad + b * Tk : nullptr);
+      }
+      backend::cpu::gemm_serial<Scalar>(
+          MatrixRef<Scalar>{attn + b * Tq * C + h * D, Tq, D, C}, MatrixRef<const Scalar>{P, Tq, Tk, Tk}, Trans::kN,
+          MatrixRef<const Scalar>{v + b * Tk * C + h * D, Tk, D, C}, Trans::kN, Scalar(1), Scalar(0));
+    });
+    o_proj_.forward(ctx, cache.attn, y, cache.o_proj);
+  }
+
+  /// dx (B, Tq, C) and, for cross-attention, dmemory (B, Tk, C) are overwritten; the projections' gradients are
+  /// accumulated. For self-attention leave dmemory empty: dx then sums the query, key and value paths.
+  /// @throws ShapeError if forward has not filled `cache`, or dy, dx, dmemory do not match forward's y, x, memory.
+  void backward(CpuContext& ctx, Cache& cache, ConstTensorView<Scalar, Cpu> dy, TensorView<Scalar, Cpu> dx,
+                TensorView<Scalar, Cpu> dmemory = {}) {
+    const char* op = "MultiHeadAttention::backward";
+    if (cache.q_proj.x.rank() == 0) {
+      throw ShapeError(std::string(op) + ": the cache holds no input; call forward first");
+    }
+    const Shape x_shape = cache.q_proj.x.shape(), mem_shape = cache.k_proj.x.shape();
+    require_shape(op, "dy", dy, x_shape);
+    require_shape(op, "dx", dx, x_shape);
+    const bool dmem_given = dmemory.data() != nullptr || dmemory.rank() != 0;
+    if (cache.cross) {
+      require_shape(op, "dmemory", dmemory, mem_shape);
+    } else if (dmem_given) {
+      std::string m = op;
+      m += ": dmemory must be empty for self-attention (dx receives the key and value gradients), got shape ";
+      m += dmemory.shape().to_string();
+      throw ShapeError(m);
+    }
+    const std::int64_t C = options_.d_model, H = options_.heads, D = C / H;
+    const std::int64_t B = x_shape[0], Tq = x_shape[1], Tk = mem_shape[1];
+    cache.dattn.resize({B, Tq, C});
+    cache.dq.resize({B, Tq, C});
+    cache.dk.resize({B, Tk, C});
+    cache.dv.resize({B, Tk, C});
+    cache.dprobs.resize({B, H, Tq, Tk});
+    o_proj_.backward(ctx, cache.o_proj, dy, cache.dattn);
+
+    const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(D));
+    const Scalar* q = cache.q.data();
+    const Scalar* k = cache.k.data();
+    const Scalar* v = cache.v.data();
+    const Scalar* probs = cache.probs.data();
+    const Scalar* dattn = cache.dattn.data();
+    Scalar* dprobs = cache.dprobs.data();
+    Scalar* dq = cache.dq.data();
+    Scalar* dk = cache.dk.data();
+    Scalar* dv = cache.dv.data();
+    using backend::cpu::MatrixRef;
+    // dP = dO V^T and dV = P^T dO, per (b, h).
+    ctx.parallel(B * H, [&](std::int64_t bh) {
+      const std::int64_t b = bh / H, h = bh % H;
+      const MatrixRef<const Scalar> dO{dattn + b * Tq * C + h * D, Tq, D, C};
+      backend::cpu::gemm_serial<Scalar>(MatrixRef<Scalar>{dprobs + bh * Tq * Tk, Tq, Tk, Tk}, dO, Trans::kN,
+                                        MatrixRef<const Scalar>{v + b * Tk * C + h * D, Tk, D, C}, Trans::kT, Scalar(1),
+                                        Scalar(0));
+      backend::cpu::gemm_serial<Scalar>(MatrixRef<Scalar>{dv + b * Tk * C + h * D, Tk, D, C},
+                                        MatrixRef<const Scalar>{probs + bh * Tq * Tk, Tq, Tk, Tk}, Trans::kT, dO,
+                                        Trans::kN, Scalar(1), Scalar(0));
+    });
+    // dS = P * (dP - rowsum(dP * P)): zero where P is zero, so masked keys and empty rows pass nothing back.
+    Ops<Cpu>::softmax_backward<Scalar>(ctx, cache.dprobs, cache.dprobs, cache.probs);
+    // dQ = scale dS K and dK = scale dS^T Q, per (b, h).
+    ctx.parallel(B * H, [&](std::int64_t bh) {
+      const std::int64_t b = bh / H, h = bh % H;
+      const MatrixRef<const Scalar> dS{dprobs + bh * Tq * Tk, Tq, Tk, Tk};
+      backend::cpu::gemm_serial<Scalar>(MatrixRef<Scalar>{dq + b * Tq * C + h * D, Tq, D, C}, dS, Trans::kN,
+                                        MatrixRef<const Scalar>{k + b * Tk * C + h * D, Tk, D, C}, Trans::kN, scale,
+                                        Scalar(0));
+      backend::cpu::gemm_serial<Scalar>(MatrixRef<Scalar>{dk + b * Tk * C + h * D, Tk, D, C}, dS, Trans::kT,
+                                        MatrixRef<const Scalar>{q + b * Tq * C + h * D, Tq, D, C}, Trans::kN, scale,
+                                        Scalar(0));
+    });
+
+    cache.dinput.resize(mem_shape);
+    q_proj_.backward(ctx, cache.q_proj, cache.dq, dx);
+    TensorView<Scalar, Cpu> dmem = cache.cross ? dmemory : dx;
+    if (cache.cross) {
+      k_proj_.backward(ctx, cache.k_proj, cache.dk, dmem);
+    } else {
+      k_proj_.backward(ctx, cache.k_proj, cache.dk, cache.dinput);
+      Ops<Cpu>::axpy<Scalar>(ctx, dmem, cache.dinput);
+    }
+    v_proj_.backward(ctx, cache.v_proj, cache.dv, cache.dinput);
+    Ops<Cpu>::axpy<Scalar>(ctx, dmem, cache.dinput);
+  }
+
+ private:
+  static const AttentionOptions& checked(const AttentionOptions& o) {
+    if (o.d_model <= 0 || o.heads <= 0 || o.d_model % o.heads != 0) {
+      std::string m = "MultiHeadAttention: heads must be positive and divide d_model, got d_model ";
+      m += std::to_string(o.d_model);
+      m += " and heads ";
+      m += std::to_string(o.heads);
+      throw ShapeError(m);
+    }
+    return o;
+  }
+
+  // Softmax of s[0, n) in place over the keys j < limit with pad[j] != 0 (all when pad is null); the other
+  // entries become 0, and a row with no allowed key becomes all 0.
+  static void masked_softmax_row(Scalar* s, std::int64_t n, std::int64_t limit, const std::int32_t* pad) {
+    auto allowed = [&](std::int64_t j) { return j < limit && (pad == nullptr || pad[j] != 0); };
+    Scalar mx = -std::numeric_limits<Scalar>::infinity();
+    bool any = false;
+    for (std::int64_t j = 0; j < n; ++j) {
+      if (allowed(j)) {
+        mx = any && mx >= s[j] ? mx : s[j];
+        any = true;
+      }
+    }
+    Scalar sum = 0;
+    for (std::int64_t j = 0; j < n; ++j) {
+      s[j] = allowed(j) ? std::exp(s[j] - mx) : Scalar(0);
+      sum += s[j];
+    }
+    if (!any) return;
+    const Scalar inv = Scalar(1) / sum;
+    for (std::int64_t j = 0; j < n; ++j) s[j] *= inv;
+  }
+
+  AttentionOptions options_;
+  Linear<Scalar, Cpu> q_proj_, k_proj_, v_proj_, o_proj_;  // each (C, C)
+};
+
+}  // namespace tmoe::nn

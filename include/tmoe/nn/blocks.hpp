@@ -1,0 +1,294 @@
+#pragma once
+/// @file blocks.hpp
+/// @brief Pre-LN Transformer blocks whose FFN slot is a dense FeedForward or an moe::Layer.
+///
+///   encoder: h = x + Drop(SelfAttn(LN1(x)));                 y = h + Drop(FFN(LN2(h)))
+///   decoder: h1 = x + Drop(CausalSelfAttn(LN1(x)));
+///            h2 = h1 + Drop(CrossAttn(LN2(h1), memory));     y = h2 + Drop(FFN(LN3(h2)))
+///
+/// Gradient rule: backward OVERWRITES dx, ACCUMULATES into dmemory (the encoder output feeds every decoder
+/// block) and into every parameter gradient.
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "tmoe/moe/layer.hpp"
+#include "tmoe/nn/attention.hpp"
+#include "tmoe/nn/dropout.hpp"
+#include "tmoe/nn/feed_forward.hpp"
+#include "tmoe/nn/layer_norm.hpp"
+#include "tmoe/nn/parameter.hpp"
+
+namespace tmoe::nn {
+
+/// What a block call needs beside its input: masks, task ids and the step's randomness.
+struct BlockArgs {
+  ConstTensorView<std::int32_t, Cpu> valid{};         ///< (B, T) 1 = token, 0 = padding (self keys, MoE segments)
+  ConstTensorView<std::int32_t, Cpu> memory_valid{};  ///< (B, S) 1 = source token (cross-attention keys)
+  ConstTensorView<std::int32_t, Cpu> task_ids{};      ///< (B) task per sequence, for task-routed MoE layers
+  bool training = false;
+  std::uint64_t seed = 0;         ///< Philox key for dropout and random routing
+  std::uint64_t rng_offset = 0;   ///< distinct per step and block: dropout sites add 0..3, MoE routing uses it
+};
+
+namespace impl {
+
+template <class Ffn>
+inline constexpr bool is_moe_layer_v = false;
+template <class Cfg, class S>
+inline constexpr bool is_moe_layer_v<moe::Layer<Cfg, S, Cpu>> = true;
+
+/// Sizes shared by the blocks of one model.
+struct BlockSizes {
+  std::int64_t d_model = 0, d_ff = 0, heads = 0, num_tasks = 0, moe_group_size = 0;
+  double dropout = 0.0;
+};
+
+template <class Ffn>
+Ffn make_ffn(const BlockSizes& s) {
+  if constexpr (is_moe_layer_v<Ffn>) {
+    return Ffn(moe::LayerOptions{.d_model = s.d_model, .d_ff = s.d_ff, .num_tasks = s.num_tasks,
+                                 .group_size = s.moe_group_size});
+  } else {
+    return Ffn(FeedForwardOptions{.d_model = s.d_model, .d_ff = s.d_ff});
+  }
+}
+
+/// Appends `more` to `out`.
+template <class T>
+void append(std::vector<T>& out, std::vector<T>&& more) {
+  for (auto& m : more) out.push_back(std::move(m));
+}
+
+}  // namespace impl
+
+/// The FFN sub-layer (LN -> FFN -> dropout -> residual), shared by encoder and decoder blocks.
+template <class Ffn, class Scalar>
+struct FfnSublayer {
+  static constexpr bool kMoe = impl::is_moe_layer_v<Ffn>;
+  struct Cache {
+    LayerNormCache<Scalar, Cpu> ln;
+    typename Ffn::Cache ffn;
+    DropoutCache drop;
+    Tensor<Scalar, Cpu> normed, out;  // (B, T, C)
+  };
+
+  LayerNorm<Scalar, Cpu> ln;
+  Ffn ffn;
+  Dropout<Scalar, Cpu> drop;
+
+  explicit FfnSublayer(const impl::BlockSizes& s) : ln(s.d_model), ffn(impl::make_ffn<Ffn>(s)), drop(s.dropout) {}
+
+  /// y = x + Drop(FFN(LN(x))). `y` must not alias `x`.
+  void forward(CpuContext& ctx, ConstTensorView<Scalar, Cpu> x, TensorView<Scalar, Cpu> y, Cache& c,
+               const BlockArgs& a, std::uint64_t site) const {
+    c.normed.resize(x.shape());
+    c.out.resize(x.shape());
+    ln.forward(ctx, x, c.normed, c.ln);
+    if constexpr (kMoe) {
+      moe::Input<Scalar, Cpu> in{.x = c.normed, .segment_ids = a.valid};
+      if constexpr (std::is_same_v<typename Ffn::Route, route::Task>) in.task_ids = a.task_ids;
+      // Routing draws use the top half of the counter space so they never coincide with dropout masks.
+      ffn.forward(ctx, in, c.out, c.ffn,
+                  {.training = a.training, .seed = a.seed, .rng_offset = (a.rng_offset + site) | (std::uint64_t{1} << 63)});
+    } else {
+      ffn.forward(ctx, c.normed, c.out, c.ffn);
+    }
+    drop.forward(ctx, c.out, y, c.drop, {.training = a.training, .seed = a.seed, .offset = a.rng_offset + site});
+    add_inplace(y, x);
+  }
+
+  /// dx = dy + d(LN(x)) path; overwrites dx.
+  void backward(CpuContext& ctx, Cache& c, ConstTensorView<Scalar, Cpu> dy, TensorView<Scalar, Cpu> dx) {
+    Tensor<Scalar, Cpu> d_out(dy.shape()), d_normed(dy.shape());
+    drop.backward(ctx, c.drop, dy, d_out);
+    ffn.backward(ctx, c.ffn, d_out, d_normed);
+    ln.backward(ctx, c.ln, d_normed, dx);
+    add_inplace(dx, dy);
+  }
+
+  [[nodiscard]] double aux_loss(const Cache& c) const {
+    if constexpr (kMoe) {
+      return Ffn::aux_loss(c.ffn);
+    } else {
+      return 0.0;
+    }
+  }
+
+  [[nodiscard]] ParameterRefs<Scalar, Cpu> parameter_refs(const std::string& p) {
+    ParameterRefs<Scalar, Cpu> out = ln.parameter_refs(p + ".ffn_ln");
+    impl::append(out, ffn.parameter_refs(p + (kMoe ? ".moe" : ".ffn")));
+    return out;
+  }
+
+  void init(std::uint64_t seed) {
+    ffn.init(seed);
+  }
+
+  static void add_inplace(TensorView<Scalar, Cpu> y, ConstTensorView<Scalar, Cpu> x) {
+    Scalar* yd = y.data();
+    const Scalar* xd = x.data();
+    for (std::int64_t i = 0; i < y.numel(); ++i) yd[i] += xd[i];
+  }
+};
+
+/// An attention sub-layer (LN -> attention -> dropout -> residual): self (optionally causal) or cross.
+template <class Scalar>
+struct AttentionSublayer {
+  struct Cache {
+    LayerNormCache<Scalar, Cpu> ln;
+    AttentionCache<Scalar, Cpu> attn;
+    DropoutCache drop;
+    Tensor<Scalar, Cpu> normed, out;
+  };
+
+  LayerNorm<Scalar, Cpu> ln;
+  MultiHeadAttention<Scalar, Cpu> attn;
+  Dropout<Scalar, Cpu> drop;
+  bool causal = false;
+  bool cross = false;
+
+  AttentionSublayer(const impl::BlockSizes& s, bool is_causal, bool is_cross)
+      : ln(s.d_model), attn(AttentionOptions{.d_model = s.d_model, .heads = s.heads}), drop(s.dropout),
+        causal(is_causal), cross(is_cross) {}
+
+  void forward(CpuContext& ctx, ConstTensorView<Scalar, Cpu> x, ConstTensorView<Scalar, Cpu> memory,
+               TensorView<Scalar, Cpu> y, Cache& c, const BlockArgs& a, std::uint64_t site) const {
+    c.normed.resize(x.shape());
+    c.out.resize(x.shape());
+    ln.forward(ctx, x, c.normed, c.ln);
+    AttentionInput<Scalar, Cpu> in{.x = c.normed, .causal = causal};
+    if (cross) {
+      in.memory = memory;
+      in.key_padding = a.memory_valid;
+    } else {
+      in.key_padding = a.valid;
+    }
+    attn.forward(ctx, in, c.out, c.attn);
+    drop.forward(ctx, c.out, y, c.drop, {.training = a.training, .seed = a.seed, .offset = a.rng_offset + site});
+    FfnSublayer<FeedForward<Relu, Scalar, Cpu>, Scalar>::add_inplace(y, x);
+  }
+
+  /// dx overwritten; for cross-attention dmemory accumulates.
+  void backward(CpuContext& ctx, Cache& c, ConstTensorView<Scalar, Cpu> dy, TensorView<Scalar, Cpu> dx,
+                TensorView<Scalar, Cpu> dmemory) {
+    Tensor<Scalar, Cpu> d_out(dy.shape()), d_normed(dy.shape());
+    drop.backward(ctx, c.drop, dy, d_out);
+    if (cross) {
+      Tensor<Scalar, Cpu> dmem(dmemory.shape());
+      attn.backward(ctx, c.attn, d_out, d_normed, dmem);
+      FfnSublayer<FeedForward<Relu, Scalar, Cpu>, Scalar>::add_inplace(dmemory, dmem);
+    } else {
+      attn.backward(ctx, c.attn, d_out, d_normed);
+    }
+    ln.backward(ctx, c.ln, d_normed, dx);
+    FfnSublayer<FeedForward<Relu, Scalar, Cpu>, Scalar>::add_inplace(dx, dy);
+  }
+
+  /// "{block}.{name}_ln.*" and "{block}.{name}.{q,k,v,o}_proj.*".
+  [[nodiscard]] ParameterRefs<Scalar, Cpu> parameter_refs(const std::string& block, const std::string& name) {
+    ParameterRefs<Scalar, Cpu> out = ln.parameter_refs(block + "." + name + "_ln");
+    impl::append(out, attn.parameter_refs(block + "." + name));
+    return out;
+  }
+
+  void init(std::uint64_t seed) { attn.init(seed); }
+};
+
+/// Pre-LN encoder block: self-attention with key padding, then the FFN slot.
+template <class Ffn, class Scalar>
+class EncoderBlock {
+ public:
+  struct Cache {
+    typename AttentionSublayer<Scalar>::Cache self;
+    typename FfnSublayer<Ffn, Scalar>::Cache ffn;
+    Tensor<Scalar, Cpu> h;  // (B, T, C) after the attention residual
+  };
+
+  explicit EncoderBlock(const impl::BlockSizes& s) : self_(s, false, false), ffn_(s) {}
+
+  void forward(CpuContext& ctx, ConstTensorView<Scalar, Cpu> x, TensorView<Scalar, Cpu> y, Cache& c,
+               const BlockArgs& a) const {
+    c.h.resize(x.shape());
+    self_.forward(ctx, x, {}, c.h, c.self, a, 0);
+    ffn_.forward(ctx, c.h, y, c.ffn, a, 1);
+  }
+
+  void backward(CpuContext& ctx, Cache& c, ConstTensorView<Scalar, Cpu> dy, TensorView<Scalar, Cpu> dx) {
+    Tensor<Scalar, Cpu> dh(dy.shape());
+    ffn_.backward(ctx, c.ffn, dy, dh);
+    self_.backward(ctx, c.self, dh, dx, {});
+  }
+
+  [[nodiscard]] double aux_loss(const Cache& c) const { return ffn_.aux_loss(c.ffn); }
+
+  [[nodiscard]] ParameterRefs<Scalar, Cpu> parameter_refs(const std::string& p) {
+    ParameterRefs<Scalar, Cpu> out = self_.parameter_refs(p, "self_attn");
+    impl::append(out, ffn_.parameter_refs(p));
+    return out;
+  }
+
+  void init(std::uint64_t seed) {
+    self_.init(seed);
+    ffn_.init(seed + 1);
+  }
+
+ private:
+  AttentionSublayer<Scalar> self_;
+  FfnSublayer<Ffn, Scalar> ffn_;
+};
+
+/// Pre-LN decoder block: causal self-attention, cross-attention over the encoder output, then the FFN slot.
+template <class Ffn, class Scalar>
+class DecoderBlock {
+ public:
+  struct Cache {
+    typename AttentionSublayer<Scalar>::Cache self, cross;
+    typename FfnSublayer<Ffn, Scalar>::Cache ffn;
+    Tensor<Scalar, Cpu> h1, h2;
+  };
+
+  explicit DecoderBlock(const impl::BlockSizes& s) : self_(s, true, false), cross_(s, false, true), ffn_(s) {}
+
+  void forward(CpuContext& ctx, ConstTensorView<Scalar, Cpu> x, ConstTensorView<Scalar, Cpu> memory,
+               TensorView<Scalar, Cpu> y, Cache& c, const BlockArgs& a) const {
+    c.h1.resize(x.shape());
+    c.h2.resize(x.shape());
+    self_.forward(ctx, x, {}, c.h1, c.self, a, 0);
+    cross_.forward(ctx, c.h1, memory, c.h2, c.cross, a, 1);
+    ffn_.forward(ctx, c.h2, y, c.ffn, a, 2);
+  }
+
+  /// dx overwritten; dmemory accumulates.
+  void backward(CpuContext& ctx, Cache& c, ConstTensorView<Scalar, Cpu> dy, TensorView<Scalar, Cpu> dx,
+                TensorView<Scalar, Cpu> dmemory) {
+    Tensor<Scalar, Cpu> dh2(dy.shape()), dh1(dy.shape());
+    ffn_.backward(ctx, c.ffn, dy, dh2);
+    cross_.backward(ctx, c.cross, dh2, dh1, dmemory);
+    self_.backward(ctx, c.self, dh1, dx, {});
+  }
+
+  [[nodiscard]] double aux_loss(const Cache& c) const { return ffn_.aux_loss(c.ffn); }
+
+  [[nodiscard]] ParameterRefs<Scalar, Cpu> parameter_refs(const std::string& p) {
+    ParameterRefs<Scalar, Cpu> out = self_.parameter_refs(p, "self_attn");
+    impl::append(out, cross_.parameter_refs(p, "cross_attn"));
+    impl::append(out, ffn_.parameter_refs(p));
+    return out;
+  }
+
+  void init(std::uint64_t seed) {
+    self_.init(seed);
+    cross_.init(seed + 1);
+    ffn_.init(seed + 2);
+  }
+
+ private:
+  AttentionSublayer<Scalar> self_;
+  AttentionSublayer<Scalar> cross_;
+  FfnSublayer<Ffn, Scalar> ffn_;
+};
+
+}  // namespace tmoe::nn
