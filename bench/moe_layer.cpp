@@ -164,12 +164,12 @@ const Ceilings& ceilings() {
       benchmark::DoNotOptimize(s);
       r.read_bytes_per_s = std::max(r.read_bytes_per_s, static_cast<double>(kBandwidthBytes) / seconds_since(t0));
     }
-    std::printf("ceilings (%d threads, best of %d): fp32 GEMM %lldx%lldx%lld %.1f GFLOP/s; read bandwidth over "
+    // On stderr, so --benchmark_format=json on stdout stays valid JSON.
+    std::fprintf(stderr, "ceilings (%d threads, best of %d): fp32 GEMM %lldx%lldx%lld %.1f GFLOP/s; read bandwidth over "
                 "%lld MiB %.2f GB/s\n",
                 kThreads, kCeilingPasses, static_cast<long long>(kGemmSize), static_cast<long long>(kGemmSize),
                 static_cast<long long>(kGemmSize), r.gemm_flops_per_s * 1e-9,
                 static_cast<long long>(kBandwidthBytes >> 20), r.read_bytes_per_s * 1e-9);
-    std::fflush(stdout);
     return r;
   }();
   return c;

@@ -118,6 +118,9 @@ class Layer<Config, Scalar, Cpu> {
   static constexpr int K = Config::top_k;
   static constexpr bool kTask = std::is_same_v<Route, route::Task>;
   static constexpr bool kSentence = std::is_same_v<Route, route::Sentence>;
+  /// Task ranges up to this many rows run all K experts in two fork-joins (task_experts_forward); longer ones
+  /// run each expert as a dense FFN split by rows, which keeps large batches at the dense GEMM rate.
+  static constexpr std::int64_t kTaskSlabRows = 256;
 
   /// Allocates zero-filled parameters. @throws ShapeError for non-positive sizes or, for task routing, no tasks.
   explicit Layer(LayerOptions options) : options_(options) {
@@ -416,6 +419,15 @@ class Layer<Config, Scalar, Cpu> {
       std::int32_t experts[K];
       Real weights[K];
       task_choice(probs + t * E, experts, weights);
+      if (e - b <= kTaskSlabRows) {
+        // Few rows (decoding): all K experts in two fork-joins.
+        Scalar gates[K];
+        for (int j = 0; j < K; ++j) gates[j] = static_cast<Scalar>(weights[j]);
+        task_experts_forward<Act, Scalar, K>(ctx, ys + b * C, cache.hidden.data() + b * F,
+                                             keep_pre ? cache.pre.data() + b * F : nullptr, routed * F, xs + b * C,
+                                             e - b, experts, gates, wi_.value.data(), wo_.value.data(), C, F);
+        continue;
+      }
       for (int j = 0; j < K; ++j) {
         Scalar* h = cache.hidden.data() + (j * routed + b) * F;
         Scalar* p = keep_pre ? cache.pre.data() + (j * routed + b) * F : nullptr;

@@ -170,7 +170,7 @@ void gemm_parallel(CpuContext& ctx, MatrixRef<S> c, MatrixRef<const S> a, Trans 
   const std::int64_t m = c.rows, n = c.cols;
   const std::int64_t k = ta == Trans::kN ? a.cols : a.rows;
   constexpr std::int64_t kMinParallelWork = 1 << 16;  // below this, a fork costs more than it saves
-  if (ctx.threads() == 1 || m * n * std::max<std::int64_t>(k, 1) < kMinParallelWork) {
+  if (ctx.threads() == 1 || m * n * std::max<std::int64_t>(k, 1) <= kMinParallelWork) {
     gemm_serial(c, a, ta, b, tb, alpha, beta);
     return;
   }
