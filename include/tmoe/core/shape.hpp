@@ -29,6 +29,21 @@ class Shape {
     }
   }
 
+  /// A shape from `rank` extents read from `extents`.
+  /// @throws ShapeError for a rank outside [0, 4] or a negative extent.
+  static Shape from_extents(const std::int64_t* extents, int rank) {
+    if (rank < 0 || rank > kMaxRank) {
+      throw ShapeError("Shape::from_extents: expected a rank in [0, 4], got " + std::to_string(rank));
+    }
+    Shape s;
+    for (int i = 0; i < rank; ++i) {
+      if (extents[i] < 0) throw ShapeError("Shape: expected non-negative extents, got " + std::to_string(extents[i]));
+      s.extents_[static_cast<std::size_t>(i)] = extents[i];
+    }
+    s.rank_ = rank;
+    return s;
+  }
+
   [[nodiscard]] int rank() const noexcept { return rank_; }
 
   /// Extent of dimension `i`; negative `i` counts from the back.

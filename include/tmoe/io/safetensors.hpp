@@ -267,20 +267,7 @@ inline bool checked_mul(std::uint64_t a, std::uint64_t b, std::uint64_t& out) no
 }
 
 /// A Shape from `rank` (0..4) extents.
-inline Shape make_shape(const std::int64_t* e, int rank) {
-  switch (rank) {
-    case 0:
-      return Shape{};
-    case 1:
-      return Shape{e[0]};
-    case 2:
-      return Shape{e[0], e[1]};
-    case 3:
-      return Shape{e[0], e[1], e[2]};
-    default:
-      return Shape{e[0], e[1], e[2], e[3]};
-  }
-}
+inline Shape make_shape(const std::int64_t* e, int rank) { return Shape::from_extents(e, rank); }
 
 /// The shape's extents as a JSON-ready vector.
 inline std::vector<std::int64_t> extents(const Shape& s) {

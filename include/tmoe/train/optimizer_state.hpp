@@ -78,20 +78,7 @@ double ordered_sum(CpuContext& ctx, std::int64_t n, const Term& term) {
 }
 
 /// A shape from the first `rank` entries of `e` (rank 0 to 4).
-inline Shape shape_of(const std::int64_t* e, int rank) {
-  switch (rank) {
-    case 0:
-      return Shape{};
-    case 1:
-      return Shape{e[0]};
-    case 2:
-      return Shape{e[0], e[1]};
-    case 3:
-      return Shape{e[0], e[1], e[2]};
-    default:
-      return Shape{e[0], e[1], e[2], e[3]};
-  }
-}
+inline Shape shape_of(const std::int64_t* e, int rank) { return Shape::from_extents(e, rank); }
 
 /// Checks what every optimizer requires of its parameter list: non-empty unique names, grad shaped like value.
 /// @throws Error on an empty or repeated name; ShapeError when a gradient's shape differs from its value's.
