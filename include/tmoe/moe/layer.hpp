@@ -689,11 +689,9 @@ class Layer<Config, Scalar, Cpu> {
         const std::int32_t g = gate_row[n];
         if (g < 0) continue;
         const Real* p = probs + static_cast<std::int64_t>(g) * E;
-        Real mx = cache.logits.data()[static_cast<std::int64_t>(g) * E];
-        for (int e = 0; e < E; ++e) mx = std::max(mx, cache.logits.data()[static_cast<std::int64_t>(g) * E + e]);
-        Real se = 0;
-        for (int e = 0; e < E; ++e) se += std::exp(cache.logits.data()[static_cast<std::int64_t>(g) * E + e] - mx);
-        const Real lse = mx + std::log(se);
+        // logsumexp as in forward: lse = l[e1] - log p[e1], p[e1] >= 1/E.
+        const std::int32_t e1 = expert[n * K];
+        const Real lse = cache.logits.data()[static_cast<std::int64_t>(g) * E + e1] - std::log(p[e1]);
         for (int e = 0; e < E; ++e) {
           dl[static_cast<std::int64_t>(g) * E + e] += static_cast<Real>(2.0 * z_coef / static_cast<double>(valid)) * lse * p[e];
         }

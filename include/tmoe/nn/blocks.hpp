@@ -14,6 +14,7 @@
 #include <string>
 #include <type_traits>
 
+#include "tmoe/backend/cpu/ops.hpp"
 #include "tmoe/moe/layer.hpp"
 #include "tmoe/nn/attention.hpp"
 #include "tmoe/nn/dropout.hpp"
@@ -72,7 +73,8 @@ struct FfnSublayer {
     LayerNormCache<Scalar, Cpu> ln;
     typename Ffn::Cache ffn;
     DropoutCache drop;
-    Tensor<Scalar, Cpu> normed, out;  // (B, T, C)
+    Tensor<Scalar, Cpu> normed, out;        // (B, T, C)
+    Tensor<Scalar, Cpu> d_out, d_normed;    // backward workspaces, reused across steps
   };
 
   LayerNorm<Scalar, Cpu> ln;
@@ -97,16 +99,17 @@ struct FfnSublayer {
       ffn.forward(ctx, c.normed, c.out, c.ffn);
     }
     drop.forward(ctx, c.out, y, c.drop, {.training = a.training, .seed = a.seed, .offset = a.rng_offset + site});
-    add_inplace(y, x);
+    Ops<Cpu>::axpy<Scalar>(ctx, y, x);
   }
 
   /// dx = dy + d(LN(x)) path; overwrites dx.
   void backward(CpuContext& ctx, Cache& c, ConstTensorView<Scalar, Cpu> dy, TensorView<Scalar, Cpu> dx) {
-    Tensor<Scalar, Cpu> d_out(dy.shape()), d_normed(dy.shape());
-    drop.backward(ctx, c.drop, dy, d_out);
-    ffn.backward(ctx, c.ffn, d_out, d_normed);
-    ln.backward(ctx, c.ln, d_normed, dx);
-    add_inplace(dx, dy);
+    c.d_out.resize(dy.shape());
+    c.d_normed.resize(dy.shape());
+    drop.backward(ctx, c.drop, dy, c.d_out);
+    ffn.backward(ctx, c.ffn, c.d_out, c.d_normed);
+    ln.backward(ctx, c.ln, c.d_normed, dx);
+    Ops<Cpu>::axpy<Scalar>(ctx, dx, dy);
   }
 
   [[nodiscard]] double aux_loss(const Cache& c) const {
@@ -123,15 +126,7 @@ struct FfnSublayer {
     return out;
   }
 
-  void init(std::uint64_t seed) {
-    ffn.init(seed);
-  }
-
-  static void add_inplace(TensorView<Scalar, Cpu> y, ConstTensorView<Scalar, Cpu> x) {
-    Scalar* yd = y.data();
-    const Scalar* xd = x.data();
-    for (std::int64_t i = 0; i < y.numel(); ++i) yd[i] += xd[i];
-  }
+  void init(std::uint64_t seed) { ffn.init(seed); }
 };
 
 /// An attention sub-layer (LN -> attention -> dropout -> residual): self (optionally causal) or cross.
@@ -141,7 +136,8 @@ struct AttentionSublayer {
     LayerNormCache<Scalar, Cpu> ln;
     AttentionCache<Scalar, Cpu> attn;
     DropoutCache drop;
-    Tensor<Scalar, Cpu> normed, out;
+    Tensor<Scalar, Cpu> normed, out;                 // (B, T, C)
+    Tensor<Scalar, Cpu> d_out, d_normed, d_memory;   // backward workspaces, reused across steps
   };
 
   LayerNorm<Scalar, Cpu> ln;
@@ -168,23 +164,24 @@ struct AttentionSublayer {
     }
     attn.forward(ctx, in, c.out, c.attn);
     drop.forward(ctx, c.out, y, c.drop, {.training = a.training, .seed = a.seed, .offset = a.rng_offset + site});
-    FfnSublayer<FeedForward<Relu, Scalar, Cpu>, Scalar>::add_inplace(y, x);
+    Ops<Cpu>::axpy<Scalar>(ctx, y, x);
   }
 
   /// dx overwritten; for cross-attention dmemory accumulates.
   void backward(CpuContext& ctx, Cache& c, ConstTensorView<Scalar, Cpu> dy, TensorView<Scalar, Cpu> dx,
                 TensorView<Scalar, Cpu> dmemory) {
-    Tensor<Scalar, Cpu> d_out(dy.shape()), d_normed(dy.shape());
-    drop.backward(ctx, c.drop, dy, d_out);
+    c.d_out.resize(dy.shape());
+    c.d_normed.resize(dy.shape());
+    drop.backward(ctx, c.drop, dy, c.d_out);
     if (cross) {
-      Tensor<Scalar, Cpu> dmem(dmemory.shape());
-      attn.backward(ctx, c.attn, d_out, d_normed, dmem);
-      FfnSublayer<FeedForward<Relu, Scalar, Cpu>, Scalar>::add_inplace(dmemory, dmem);
+      c.d_memory.resize(dmemory.shape());  // attention overwrites its dmemory; the caller's accumulates
+      attn.backward(ctx, c.attn, c.d_out, c.d_normed, c.d_memory);
+      Ops<Cpu>::axpy<Scalar>(ctx, dmemory, c.d_memory);
     } else {
-      attn.backward(ctx, c.attn, d_out, d_normed);
+      attn.backward(ctx, c.attn, c.d_out, c.d_normed);
     }
-    ln.backward(ctx, c.ln, d_normed, dx);
-    FfnSublayer<FeedForward<Relu, Scalar, Cpu>, Scalar>::add_inplace(dx, dy);
+    ln.backward(ctx, c.ln, c.d_normed, dx);
+    Ops<Cpu>::axpy<Scalar>(ctx, dx, dy);
   }
 
   /// "{block}.{name}_ln.*" and "{block}.{name}.{q,k,v,o}_proj.*".
@@ -204,7 +201,8 @@ class EncoderBlock {
   struct Cache {
     typename AttentionSublayer<Scalar>::Cache self;
     typename FfnSublayer<Ffn, Scalar>::Cache ffn;
-    Tensor<Scalar, Cpu> h;  // (B, T, C) after the attention residual
+    Tensor<Scalar, Cpu> h;   // (B, T, C) after the attention residual
+    Tensor<Scalar, Cpu> dh;  // backward workspace
   };
 
   explicit EncoderBlock(const impl::BlockSizes& s) : self_(s, false, false), ffn_(s) {}
@@ -217,9 +215,9 @@ class EncoderBlock {
   }
 
   void backward(CpuContext& ctx, Cache& c, ConstTensorView<Scalar, Cpu> dy, TensorView<Scalar, Cpu> dx) {
-    Tensor<Scalar, Cpu> dh(dy.shape());
-    ffn_.backward(ctx, c.ffn, dy, dh);
-    self_.backward(ctx, c.self, dh, dx, {});
+    c.dh.resize(dy.shape());
+    ffn_.backward(ctx, c.ffn, dy, c.dh);
+    self_.backward(ctx, c.self, c.dh, dx, {});
   }
 
   [[nodiscard]] double aux_loss(const Cache& c) const { return ffn_.aux_loss(c.ffn); }
@@ -247,7 +245,8 @@ class DecoderBlock {
   struct Cache {
     typename AttentionSublayer<Scalar>::Cache self, cross;
     typename FfnSublayer<Ffn, Scalar>::Cache ffn;
-    Tensor<Scalar, Cpu> h1, h2;
+    Tensor<Scalar, Cpu> h1, h2;    // (B, T, C) after each residual
+    Tensor<Scalar, Cpu> dh1, dh2;  // backward workspaces
   };
 
   explicit DecoderBlock(const impl::BlockSizes& s) : self_(s, true, false), cross_(s, false, true), ffn_(s) {}
@@ -264,10 +263,11 @@ class DecoderBlock {
   /// dx overwritten; dmemory accumulates.
   void backward(CpuContext& ctx, Cache& c, ConstTensorView<Scalar, Cpu> dy, TensorView<Scalar, Cpu> dx,
                 TensorView<Scalar, Cpu> dmemory) {
-    Tensor<Scalar, Cpu> dh2(dy.shape()), dh1(dy.shape());
-    ffn_.backward(ctx, c.ffn, dy, dh2);
-    cross_.backward(ctx, c.cross, dh2, dh1, dmemory);
-    self_.backward(ctx, c.self, dh1, dx, {});
+    c.dh1.resize(dy.shape());
+    c.dh2.resize(dy.shape());
+    ffn_.backward(ctx, c.ffn, dy, c.dh2);
+    cross_.backward(ctx, c.cross, c.dh2, c.dh1, dmemory);
+    self_.backward(ctx, c.self, c.dh1, dx, {});
   }
 
   [[nodiscard]] double aux_loss(const Cache& c) const { return ffn_.aux_loss(c.ffn); }

@@ -145,7 +145,8 @@ class Transformer<EncoderPattern, DecoderPattern, Scalar, Cpu> {
     Tensor<Scalar, Cpu> memory, decoder_out;  // (B, S, C), (B, T, C) after the final norms
     EmbeddingProjectCache<Scalar, Cpu> projection;
     Tensor<Scalar, Cpu> logits;  // (B, T, V)
-    Tensor<Scalar, Cpu> embedded_source, embedded_target;
+    // Backward workspaces, reused across steps.
+    Tensor<Scalar, Cpu> d_decoder_out, d_decoder_state, d_decoder_prev, d_memory, d_encoder_state, d_encoder_prev;
   };
 
   /// @throws ShapeError for non-positive sizes, H not dividing C, or missing tasks for task routing.
@@ -229,10 +230,9 @@ class Transformer<EncoderPattern, DecoderPattern, Scalar, Cpu> {
                                    config_.encoder_layers + config_.decoder_layers + 1);
 
     // Encoder.
-    embed(ctx, batch.source, c.embedded_source, c.source_embedding, c.source_positions, c.source_dropout, args, base);
     c.encoder_states.resize(static_cast<std::size_t>(config_.encoder_layers + 1));
-    c.encoder_states[0].resize({B, S, C});
-    std::copy_n(c.embedded_source.data(), B * S * C, c.encoder_states[0].data());
+    embed(ctx, batch.source, c.encoder_states[0], c.source_embedding, c.source_positions, c.source_dropout, args,
+          base);
     c.enc_dense.resize(enc_dense_.size());
     c.enc_moe.resize(enc_moe_.size());
     for (std::int64_t i = 0; i < config_.encoder_layers; ++i) {
@@ -253,11 +253,9 @@ class Transformer<EncoderPattern, DecoderPattern, Scalar, Cpu> {
     encoder_norm_.forward(ctx, c.encoder_states.back(), c.memory, c.encoder_norm);
 
     // Decoder.
-    embed(ctx, batch.target_in, c.embedded_target, c.target_embedding, c.target_positions, c.target_dropout, args,
-          base + 1);
     c.decoder_states.resize(static_cast<std::size_t>(config_.decoder_layers + 1));
-    c.decoder_states[0].resize({B, T, C});
-    std::copy_n(c.embedded_target.data(), B * T * C, c.decoder_states[0].data());
+    embed(ctx, batch.target_in, c.decoder_states[0], c.target_embedding, c.target_positions, c.target_dropout, args,
+          base + 1);
     c.dec_dense.resize(dec_dense_.size());
     c.dec_moe.resize(dec_moe_.size());
     for (std::int64_t i = 0; i < config_.decoder_layers; ++i) {
@@ -295,24 +293,28 @@ class Transformer<EncoderPattern, DecoderPattern, Scalar, Cpu> {
   void backward(CpuContext& ctx, Cache& c, ConstTensorView<Scalar, Cpu> dlogits) {
     require_shape("Transformer::backward", "dlogits", dlogits, c.logits.shape());
     const Shape dec_shape = c.decoder_out.shape(), enc_shape = c.memory.shape();
-    Tensor<Scalar, Cpu> d_dec(dec_shape), d_state(dec_shape), d_prev(dec_shape);
-    embedding_.project_backward(ctx, c.projection, dlogits, d_dec);
-    decoder_norm_.backward(ctx, c.decoder_norm, d_dec, d_state);
-    Tensor<Scalar, Cpu> d_memory(enc_shape);  // accumulates over decoder blocks
+    for (auto* t : {&c.d_decoder_out, &c.d_decoder_state, &c.d_decoder_prev}) t->resize(dec_shape);
+    for (auto* t : {&c.d_memory, &c.d_encoder_state, &c.d_encoder_prev}) t->resize(enc_shape);
+    Tensor<Scalar, Cpu>& d_state = c.d_decoder_state;
+    Tensor<Scalar, Cpu>& d_prev = c.d_decoder_prev;
+    embedding_.project_backward(ctx, c.projection, dlogits, c.d_decoder_out);
+    decoder_norm_.backward(ctx, c.decoder_norm, c.d_decoder_out, d_state);
+    std::fill_n(c.d_memory.data(), c.d_memory.numel(), Scalar(0));  // accumulates over decoder blocks
     for (std::int64_t i = config_.decoder_layers - 1; i >= 0; --i) {
       if (DecoderPattern::is_moe(i)) {
         const auto k = moe_index<DecoderPattern>(i);
-        dec_moe_[k].backward(ctx, c.dec_moe[k], d_state, d_prev, d_memory);
+        dec_moe_[k].backward(ctx, c.dec_moe[k], d_state, d_prev, c.d_memory);
       } else {
         const auto k = dense_index<DecoderPattern>(i);
-        dec_dense_[k].backward(ctx, c.dec_dense[k], d_state, d_prev, d_memory);
+        dec_dense_[k].backward(ctx, c.dec_dense[k], d_state, d_prev, c.d_memory);
       }
       std::swap(d_state, d_prev);
     }
     unembed(ctx, d_state, c.target_embedding, c.target_positions, c.target_dropout);
 
-    Tensor<Scalar, Cpu> e_state(enc_shape), e_prev(enc_shape);
-    encoder_norm_.backward(ctx, c.encoder_norm, d_memory, e_state);
+    Tensor<Scalar, Cpu>& e_state = c.d_encoder_state;
+    Tensor<Scalar, Cpu>& e_prev = c.d_encoder_prev;
+    encoder_norm_.backward(ctx, c.encoder_norm, c.d_memory, e_state);
     for (std::int64_t i = config_.encoder_layers - 1; i >= 0; --i) {
       if (EncoderPattern::is_moe(i)) {
         const auto k = moe_index<EncoderPattern>(i);
@@ -416,23 +418,22 @@ class Transformer<EncoderPattern, DecoderPattern, Scalar, Cpu> {
     for (std::int64_t i = 0; i < ids.numel(); ++i) mask.data()[i] = ids.data()[i] == config_.pad_id ? 0 : 1;
   }
 
+  // out (B, T, C) = Dropout(scale * E[ids] + positions), each stage in place.
   void embed(CpuContext& ctx, ConstTensorView<std::int32_t, Cpu> ids, Tensor<Scalar, Cpu>& out,
              EmbeddingCache<Cpu>& ec, SinusoidalPositionsCache& pc, DropoutCache& dc, const StepArgs& args,
              std::uint64_t offset) const {
-    const Shape s{ids.dim(0), ids.dim(1), config_.d_model};
-    Tensor<Scalar, Cpu> e(s);
-    out.resize(s);
-    embedding_.forward(ctx, ids, e, ec);
-    positions_.forward(ctx, e, e, pc);
-    dropout_.forward(ctx, e, out, dc, {.training = args.training, .seed = args.seed, .offset = offset});
+    out.resize({ids.dim(0), ids.dim(1), config_.d_model});
+    embedding_.forward(ctx, ids, out, ec);
+    positions_.forward(ctx, out, out, pc);
+    dropout_.forward(ctx, out, out, dc, {.training = args.training, .seed = args.seed, .offset = offset});
   }
 
-  void unembed(CpuContext& ctx, const Tensor<Scalar, Cpu>& d, const EmbeddingCache<Cpu>& ec,
+  // Backward of embed, in place on d (a workspace the caller no longer needs), into the embedding's gradient.
+  void unembed(CpuContext& ctx, Tensor<Scalar, Cpu>& d, const EmbeddingCache<Cpu>& ec,
                const SinusoidalPositionsCache& pc, const DropoutCache& dc) {
-    Tensor<Scalar, Cpu> g(d.shape());
-    dropout_.backward(ctx, dc, d, g);
-    positions_.backward(ctx, pc, g, g);
-    embedding_.backward(ctx, ec, g);
+    dropout_.backward(ctx, dc, d, d);
+    positions_.backward(ctx, pc, d, d);
+    embedding_.backward(ctx, ec, d);
   }
 
   TransformerConfig config_;
