@@ -48,6 +48,11 @@
 #include "tmoe/io/safetensors.hpp"
 #include "tmoe/io/state_dict.hpp"
 #include "tmoe/io/model_config.hpp"
+#include "tmoe/io/model_file.hpp"
+
+#include "tmoe/decode/search.hpp"
+#include "tmoe/extract/expert_usage.hpp"
+#include "tmoe/extract/subnetwork.hpp"
 
 #include "tmoe/moe/config.hpp"
 #include "tmoe/moe/experts.hpp"

@@ -254,7 +254,7 @@ TEST_SUITE("moe_layer") {
     }
   }
 
-  TEST_CASE("task routing with a capacity limit takes the permuted path and still matches") {
+  TEST_CASE("task routing with a capacity limit takes the permuted path in training and still matches") {
     using Cfg = moe::Config<route::Task, Experts<4>, TopK<2>, CapacityFactor<2>>;
     auto o = options(MoeOptions::Route::kTask, 4, 2);
     o.capacity_factor = 2.0;
@@ -264,10 +264,29 @@ TEST_SUITE("moe_layer") {
     c.tasks = 3;
     c.task = {0, 2};
     c.task_per_row = true;
+    c.training = true;
     auto r = run_both<Cfg, double>(c, o);
     CHECK_FALSE(r->cache.task_path);
     CHECK(r->cache.plan.dropped() > 0);  // one task's 17 tokens overflow C = 17
     check_against_reference(*r, 1e-12);
+  }
+
+  TEST_CASE("task routing with a capacity limit drops nothing at inference: it equals the dropless layer") {
+    using Cfg = moe::Config<route::Task, Experts<4>, TopK<2>, CapacityFactor<2>>;
+    using Free = moe::Config<route::Task, Experts<4>, TopK<2>, Dropless>;
+    Case c;
+    c.B = 2;
+    c.T = 17;
+    c.tasks = 3;
+    c.task = {0, 2};
+    c.task_per_row = true;
+    auto o = options(MoeOptions::Route::kTask, 4, 2);
+    o.capacity = MoeOptions::Capacity::kDropless;  // what the reference computes for both
+    auto capped = run_both<Cfg, double>(c, o);
+    auto free = run_both<Free, double>(c, o);
+    CHECK(capped->cache.task_path);
+    CHECK(std::memcmp(capped->y.data(), free->y.data(), free->y.bytes()) == 0);
+    check_against_reference(*free, 1e-12);
   }
 
   TEST_CASE("random second expert: fixed seed matches the reference; evaluation uses every choice") {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <type_traits>
 
 #include "tmoe/core/error.hpp"
 #include "tmoe/moe/config.hpp"
@@ -22,8 +23,15 @@ std::string pattern_description() {
     return "dense";
   } else {
     using Cfg = typename P::moe_config;
-    return std::string(Cfg::route_type::name) + "/E=" + std::to_string(Cfg::experts) +
-           "/K=" + std::to_string(Cfg::top_k) + "/every=" + std::to_string(P::every);
+    std::string d = Cfg::route_type::name;
+    d += "/E=";
+    d += std::to_string(Cfg::experts);
+    d += "/K=";
+    d += std::to_string(Cfg::top_k);
+    d += "/every=";
+    d += std::to_string(P::every);
+    if constexpr (P::folded) d += "/folded";
+    return d;
   }
 }
 
@@ -41,9 +49,42 @@ nlohmann::json model_config_json(const nn::TransformerConfig& c) {
                         {"num_tasks", c.num_tasks},
                         {"moe_group_size", c.moe_group_size},
                         {"pad_id", c.pad_id},
+                        {"bos_id", c.bos_id},
+                        {"eos_id", c.eos_id},
                         {"encoder", pattern_description<typename Model::encoder_pattern>()},
                         {"decoder", pattern_description<typename Model::decoder_pattern>()},
                         {"scalar", sizeof(typename Model::scalar_type) == 8 ? "f64" : "f32"}};
+}
+
+/// The run-time sizes stored by model_config_json.
+/// @throws IoError naming `source` and the field that is missing or has the wrong type.
+inline nn::TransformerConfig transformer_config_from_json(const std::string& source, const nlohmann::json& j) {
+  if (!j.is_object()) throw IoError(source + ": the stored model configuration is not a JSON object");
+  nn::TransformerConfig c;
+  auto integer = [&](const char* key, auto& field) {
+    if (!j.contains(key) || !j[key].is_number_integer()) {
+      throw IoError(source + ": the stored model configuration has no integer '" + key + "'" +
+                    (j.contains(key) ? ", found " + j[key].dump() : std::string()));
+    }
+    field = j[key].get<std::remove_reference_t<decltype(field)>>();
+  };
+  integer("vocab_size", c.vocab_size);
+  integer("d_model", c.d_model);
+  integer("d_ff", c.d_ff);
+  integer("heads", c.heads);
+  integer("encoder_layers", c.encoder_layers);
+  integer("decoder_layers", c.decoder_layers);
+  integer("max_length", c.max_length);
+  integer("num_tasks", c.num_tasks);
+  integer("moe_group_size", c.moe_group_size);
+  integer("pad_id", c.pad_id);
+  integer("bos_id", c.bos_id);
+  integer("eos_id", c.eos_id);
+  if (!j.contains("dropout") || !j["dropout"].is_number()) {
+    throw IoError(source + ": the stored model configuration has no number 'dropout'");
+  }
+  c.dropout = j["dropout"].get<double>();
+  return c;
 }
 
 /// @throws IoError naming `source` and the first field whose value differs (or is missing) between a stored

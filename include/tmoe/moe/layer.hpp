@@ -29,6 +29,7 @@
 /// @endcode
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -66,6 +67,17 @@ struct Input {
   ConstTensorView<Scalar, Device> x;                    ///< (B, T, C); a rank-2 (N, C) input is one row
   ConstTensorView<std::int32_t, Device> segment_ids{};  ///< optional (B, T): 0 = padding, > 0 = sequence in row
   ConstTensorView<std::int32_t, Device> task_ids{};     ///< task routing: (B) per row, or (B, T) per token
+  /// Sentence routing, inference only: (B, C) the representation each row routes by, in place of the mean of its
+  /// tokens. Step-by-step decoding passes the mean of the layer's inputs over the prefix decoded so far (the
+  /// sentence mean cannot be causal otherwise; paper-spec 1.3). A forward given it cannot be followed by backward.
+  ConstTensorView<Scalar, Device> sentence_repr{};
+};
+
+/// One task's routing decision in a task-routed layer: its K experts (best first) and their combine weights.
+template <class Real, int K>
+struct TaskRoute {
+  std::array<std::int32_t, K> experts{};
+  std::array<Real, K> weights{};
 };
 
 /// Per-call switches: training enables the random second-expert policy; seed and offset address its draws.
@@ -94,6 +106,7 @@ struct LayerCache {
   Tensor<Scalar, Device> task_y;          // task path: outputs in task order, before scattering back
   ConstTensorView<Scalar, Device> x;      // the forward input; it must outlive backward (llm.c style)
   bool training = false;                  // forward ran in training mode (pre-activations kept if needed)
+  bool sentence_override = false;         // sentence routing ran on Input::sentence_repr (no backward)
   // Backward workspaces, reused across calls.
   Tensor<Scalar, Device> d_expert_out, d_hidden, d_dispatched;  // (R, C), (R, F), (R, C)
   Tensor<Real, Device> d_gate;                                  // (N, K) gradient of the final gate weights
@@ -201,7 +214,22 @@ class Layer<Config, Scalar, Cpu> {
       cache.logits.resize({N, E});
       Ops<Cpu>::gemm<Real>(ctx, cache.logits, in.x.reshape({N, C}), Trans::kN, gate_weight_.value, Trans::kT);
     } else if constexpr (kSentence) {
-      sentence_gate_rows<Real, Scalar>(layout, x, C, gate_row, cache.gate_input);
+      cache.sentence_override = has_sentence_repr(in);
+      if (cache.sentence_override) {
+        if (args.training) {
+          throw Error("moe::Layer::forward: Input::sentence_repr is for inference (step-by-step decoding); "
+                      "training routes each sequence by the mean of its tokens");
+        }
+        cache.gate_input.resize({layout.rows, C});
+        for (std::int64_t i = 0; i < layout.rows * C; ++i) {
+          cache.gate_input.data()[i] = static_cast<Real>(in.sentence_repr.data()[i]);
+        }
+        for (std::int64_t n = 0; n < N; ++n) {
+          gate_row[n] = layout.valid(n) ? static_cast<std::int32_t>(n / layout.columns) : -1;
+        }
+      } else {
+        sentence_gate_rows<Real, Scalar>(layout, x, C, gate_row, cache.gate_input);
+      }
       cache.logits.resize({cache.gate_input.dim(0), E});
       Ops<Cpu>::gemm<Real>(ctx, cache.logits, cache.gate_input, Trans::kN, gate_weight_.value, Trans::kT);
     } else {
@@ -218,7 +246,9 @@ class Layer<Config, Scalar, Cpu> {
     cache.task_path = false;
     if constexpr (kTask && Config::dropless && (K == 1 || !Config::second_expert_type::random)) {
       forward_task_ranges(ctx, x, out.data(), cache, args.training);
-    } else if constexpr (kTask && Config::dropless) {
+    } else if constexpr (kTask) {
+      // At inference a task-routed layer has no capacity limit and no randomness: every token of a task goes to
+      // all K of its experts, which is what an extracted sub-network computes.
       if (!args.training) {
         forward_task_ranges(ctx, x, out.data(), cache, args.training);
       } else {
@@ -227,6 +257,24 @@ class Layer<Config, Scalar, Cpu> {
     } else {
       forward_permuted(ctx, x, out.data(), cache, args.training);
     }
+  }
+
+  /// The routing decision of one task (task routing): the same softmax, top-K (ties to the lower expert) and
+  /// normalization as forward, with nothing dropped. Extraction folds these weights into the experts.
+  /// @throws ShapeError if `task` is not in [0, num_tasks).
+  [[nodiscard]] TaskRoute<Real, K> task_route(CpuContext& ctx, std::int64_t task) const
+    requires kTask
+  {
+    if (task < 0 || task >= options_.num_tasks) {
+      throw ShapeError("moe::Layer::task_route: unknown task id " + std::to_string(task) + "; expected an id in [0, " +
+                       std::to_string(options_.num_tasks) + ")");
+    }
+    Tensor<Real, Cpu> logits({options_.num_tasks, E}), probs({options_.num_tasks, E});
+    Ops<Cpu>::gemm<Real>(ctx, logits, task_embedding_.value, Trans::kN, gate_weight_.value, Trans::kT);
+    Ops<Cpu>::softmax<Real>(ctx, probs, logits);
+    TaskRoute<Real, K> r;
+    task_choice(probs.data() + task * E, r.experts.data(), r.weights.data());
+    return r;
   }
 
   /// The layer's auxiliary training loss: aux coefficient * aux loss + z coefficient * z-loss.
@@ -255,6 +303,9 @@ class Layer<Config, Scalar, Cpu> {
     if (!std::is_same_v<Act, nn::Relu> && !cache.training) {
       throw Error(op + ": the " + std::string(Act::name) +
                   " experts need their pre-activations; run forward with training = true before backward");
+    }
+    if (cache.sentence_override) {
+      throw Error(op + ": forward routed by Input::sentence_repr (inference only); there is no gradient to it");
     }
     const auto& plan = cache.plan;
     const std::int64_t N = plan.tokens;
@@ -312,6 +363,13 @@ class Layer<Config, Scalar, Cpu> {
       }
     }
     return layout;
+  }
+
+  static bool has_sentence_repr(const Input<Scalar, Cpu>& in) {
+    if (in.sentence_repr.data() == nullptr && in.sentence_repr.rank() == 0) return false;
+    const std::int64_t B = in.x.rank() == 3 ? in.x.dim(0) : 1;
+    require_shape("moe::Layer::forward", "sentence_repr", in.sentence_repr, Shape{B, in.x.dim(-1)});
+    return true;
   }
 
   // Permuted path: gather -> expert blocks -> combine.

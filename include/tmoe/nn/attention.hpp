@@ -78,6 +78,25 @@ struct AttentionCache {
   Tensor<Scalar, Device> dinput;             // (B, Tk, C) a projection's input gradient before summation
 };
 
+/// Keys and values kept across decoding steps, (B, capacity, C) each: for self-attention the projections of the
+/// tokens decoded so far (`length` of them), for cross-attention those of the encoder output, computed once.
+template <class Scalar, DeviceTag Device>
+struct KvCache {
+  Tensor<Scalar, Device> k, v;
+  std::int64_t length = 0;  ///< valid positions [0, length) of every row
+  [[nodiscard]] std::int64_t batch() const noexcept { return k.rank() == 3 ? k.dim(0) : 0; }
+  [[nodiscard]] std::int64_t capacity() const noexcept { return k.rank() == 3 ? k.dim(1) : 0; }
+};
+
+/// Workspaces of one decoding step, reused across steps.
+template <class Scalar, DeviceTag Device>
+struct AttentionStepWork {
+  LinearCache<Scalar, Device> proj;  // throwaway (inference keeps nothing for backward)
+  Tensor<Scalar, Device> q, k, v;    // (B, C)
+  Tensor<Scalar, Device> attn;       // (B, C)
+  Tensor<Scalar, Device> scores;     // (B * H, keys)
+};
+
 template <class Scalar, DeviceTag Device>
 class MultiHeadAttention;
 
@@ -220,6 +239,72 @@ class MultiHeadAttention<Scalar, Cpu> {
     o_proj_.forward(ctx, cache.attn, y, cache.o_proj);
   }
 
+  /// Step-by-step decoding, self-attention: projects the new token x (B, C) of every row, appends its key and
+  /// value at position kv.length, attends over positions [0, kv.length] and writes y (B, C); kv.length grows by
+  /// one. Equal to forward() with the causal mask on the whole prefix, at its last position.
+  /// @throws ShapeError if kv was not sized by reserve() for B rows, is full, or x / y are not (B, C).
+  void step_self(CpuContext& ctx, ConstTensorView<Scalar, Cpu> x, KvCache<Scalar, Cpu>& kv, TensorView<Scalar, Cpu> y,
+                 AttentionStepWork<Scalar, Cpu>& w) const {
+    const char* op = "MultiHeadAttention::step_self";
+    const std::int64_t C = options_.d_model;
+    check_step(op, x, y, kv);
+    const std::int64_t B = x.dim(0);
+    if (kv.length >= kv.capacity()) {
+      throw ShapeError(std::string(op) + ": the key/value cache is full (" + std::to_string(kv.capacity()) +
+                       " positions); reserve more");
+    }
+    w.q.resize({B, C});
+    w.k.resize({B, C});
+    w.v.resize({B, C});
+    q_proj_.forward(ctx, x, w.q, w.proj);
+    k_proj_.forward(ctx, x, w.k, w.proj);
+    v_proj_.forward(ctx, x, w.v, w.proj);
+    const std::int64_t L = kv.capacity(), t = kv.length;
+    for (std::int64_t b = 0; b < B; ++b) {
+      std::copy_n(w.k.data() + b * C, C, kv.k.data() + (b * L + t) * C);
+      std::copy_n(w.v.data() + b * C, C, kv.v.data() + (b * L + t) * C);
+    }
+    kv.length = t + 1;
+    attend(ctx, kv, nullptr, y, w);
+  }
+
+  /// Cross-attention for decoding: the keys and values of `memory` (B, S, C), computed once per source.
+  /// @throws ShapeError if memory is not (B, S, C).
+  void project_memory(CpuContext& ctx, ConstTensorView<Scalar, Cpu> memory, KvCache<Scalar, Cpu>& kv) const {
+    const std::int64_t C = options_.d_model;
+    if (memory.rank() != 3 || memory.dim(2) != C) {
+      throw ShapeError("MultiHeadAttention::project_memory: memory must be (B, S, " + std::to_string(C) +
+                       "), got shape " + memory.shape().to_string());
+    }
+    kv.k.resize(memory.shape());
+    kv.v.resize(memory.shape());
+    LinearCache<Scalar, Cpu> unused;
+    k_proj_.forward(ctx, memory, kv.k, unused);
+    v_proj_.forward(ctx, memory, kv.v, unused);
+    kv.length = memory.dim(1);
+  }
+
+  /// Step-by-step cross-attention: queries x (B, C) over the keys and values of project_memory, masked by
+  /// key_padding (B, S) (empty = all valid); writes y (B, C).
+  void step_cross(CpuContext& ctx, ConstTensorView<Scalar, Cpu> x, const KvCache<Scalar, Cpu>& kv,
+                  ConstTensorView<std::int32_t, Cpu> key_padding, TensorView<Scalar, Cpu> y,
+                  AttentionStepWork<Scalar, Cpu>& w) const {
+    const char* op = "MultiHeadAttention::step_cross";
+    check_step(op, x, y, kv);
+    const bool padded = key_padding.data() != nullptr || key_padding.rank() != 0;
+    if (padded) require_shape(op, "key_padding", key_padding, Shape{x.dim(0), kv.capacity()});
+    w.q.resize({x.dim(0), options_.d_model});
+    q_proj_.forward(ctx, x, w.q, w.proj);
+    attend(ctx, kv, padded ? key_padding.data() : nullptr, y, w);
+  }
+
+  /// Sizes `kv` for B rows of up to `capacity` positions and empties it.
+  static void reserve(KvCache<Scalar, Cpu>& kv, std::int64_t batch, std::int64_t capacity, std::int64_t d_model) {
+    kv.k.resize({batch, capacity, d_model});
+    kv.v.resize({batch, capacity, d_model});
+    kv.length = 0;
+  }
+
   /// dx (B, Tq, C) and, for cross-attention, dmemory (B, Tk, C) are overwritten; the projections' gradients are
   /// accumulated. For self-attention leave dmemory empty: dx then sums the query, key and value paths.
   /// @throws ShapeError if forward has not filled `cache`, or dy, dx, dmemory do not match forward's y, x, memory.
@@ -309,6 +394,56 @@ class MultiHeadAttention<Scalar, Cpu> {
       throw ShapeError(m);
     }
     return o;
+  }
+
+  void check_step(const char* op, ConstTensorView<Scalar, Cpu> x, TensorView<Scalar, Cpu> y,
+                  const KvCache<Scalar, Cpu>& kv) const {
+    const std::int64_t C = options_.d_model;
+    if (x.rank() != 2 || x.dim(1) != C) {
+      throw ShapeError(std::string(op) + ": x must be (B, " + std::to_string(C) + "), one token per row, got shape " +
+                       x.shape().to_string());
+    }
+    require_shape(op, "y", y, x.shape());
+    if (kv.batch() != x.dim(0) || kv.k.dim(2) != C) {
+      throw ShapeError(std::string(op) + ": the key/value cache holds " + kv.k.shape().to_string() + ", expected (" +
+                       std::to_string(x.dim(0)) + ", L, " + std::to_string(C) + ") for x " + x.shape().to_string());
+    }
+  }
+
+  // y (B, C) = o_proj(attention of w.q over the first kv.length positions of kv), keys masked by pad (B, L).
+  void attend(CpuContext& ctx, const KvCache<Scalar, Cpu>& kv, const std::int32_t* pad, TensorView<Scalar, Cpu> y,
+              AttentionStepWork<Scalar, Cpu>& w) const {
+    const std::int64_t C = options_.d_model, H = options_.heads, D = C / H;
+    const std::int64_t B = kv.batch(), L = kv.capacity(), n = kv.length;
+    w.attn.resize({B, C});
+    w.scores.resize({B * H, std::max<std::int64_t>(n, 1)});
+    const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(D));
+    const Scalar* q = w.q.data();
+    const Scalar* k = kv.k.data();
+    const Scalar* v = kv.v.data();
+    Scalar* attn = w.attn.data();
+    Scalar* scores = w.scores.data();
+    ctx.parallel(B * H, [&](std::int64_t bh) {
+      const std::int64_t b = bh / H, h = bh % H;
+      const Scalar* qr = q + b * C + h * D;
+      Scalar* s = scores + bh * std::max<std::int64_t>(n, 1);
+      for (std::int64_t j = 0; j < n; ++j) {
+        const Scalar* kr = k + (b * L + j) * C + h * D;
+        Scalar acc = 0;
+        for (std::int64_t d = 0; d < D; ++d) acc += qr[d] * kr[d];
+        s[j] = acc * scale;
+      }
+      masked_softmax_row(s, n, n, pad ? pad + b * L : nullptr);
+      Scalar* o = attn + b * C + h * D;
+      std::fill_n(o, D, Scalar(0));
+      for (std::int64_t j = 0; j < n; ++j) {
+        const Scalar p = s[j];
+        if (p == Scalar(0)) continue;
+        const Scalar* vr = v + (b * L + j) * C + h * D;
+        for (std::int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
+      }
+    });
+    o_proj_.forward(ctx, w.attn, y, w.proj);
   }
 
   // Softmax of s[0, n) in place over the keys j < limit with pad[j] != 0 (all when pad is null); the other

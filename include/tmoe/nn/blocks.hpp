@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "tmoe/backend/cpu/ops.hpp"
 #include "tmoe/moe/layer.hpp"
@@ -45,6 +46,7 @@ inline constexpr bool is_moe_layer_v<moe::Layer<Cfg, S, Cpu>> = true;
 struct BlockSizes {
   std::int64_t d_model = 0, d_ff = 0, heads = 0, num_tasks = 0, moe_group_size = 0;
   double dropout = 0.0;
+  bool ffn_bias = true;  ///< dense FFNs have biases; folded expert FFNs (extract::subnetwork) do not
 };
 
 template <class Ffn>
@@ -53,7 +55,7 @@ Ffn make_ffn(const BlockSizes& s) {
     return Ffn(moe::LayerOptions{.d_model = s.d_model, .d_ff = s.d_ff, .num_tasks = s.num_tasks,
                                  .group_size = s.moe_group_size});
   } else {
-    return Ffn(FeedForwardOptions{.d_model = s.d_model, .d_ff = s.d_ff});
+    return Ffn(FeedForwardOptions{.d_model = s.d_model, .d_ff = s.d_ff, .bias = s.ffn_bias});
   }
 }
 
@@ -65,10 +67,40 @@ void append(std::vector<T>& out, std::vector<T>&& more) {
 
 }  // namespace impl
 
+/// What one decoding step needs beside the token states: the rows' masks and tasks.
+struct StepBlockArgs {
+  ConstTensorView<std::int32_t, Cpu> active{};        ///< (B, 1) 1 = row still decoding; 0 = finished (not routed)
+  ConstTensorView<std::int32_t, Cpu> memory_valid{};  ///< (B, S) 1 = source token
+  ConstTensorView<std::int32_t, Cpu> task_ids{};      ///< (B)
+};
+
+namespace impl {
+/// Copies rows `rows[i]` of a (B, ...) tensor into a (rows.size(), ...) one, in place of `t`.
+template <class T>
+void select_rows(Tensor<T, Cpu>& t, const std::vector<std::int64_t>& rows, Tensor<T, Cpu>& scratch) {
+  if (t.rank() == 0 || t.numel() == 0) return;
+  const std::int64_t B = t.dim(0), row = t.numel() / B, n = static_cast<std::int64_t>(rows.size());
+  std::int64_t extents[4] = {n, 0, 0, 0};
+  for (int d = 1; d < t.rank(); ++d) extents[d] = t.dim(d);
+  scratch.resize(Shape::from_extents(extents, t.rank()));
+  for (std::int64_t i = 0; i < n; ++i) {
+    std::copy_n(t.data() + rows[static_cast<std::size_t>(i)] * row, row, scratch.data() + i * row);
+  }
+  std::swap(t, scratch);
+}
+}  // namespace impl
+
 /// The FFN sub-layer (LN -> FFN -> dropout -> residual), shared by encoder and decoder blocks.
 template <class Ffn, class Scalar>
 struct FfnSublayer {
   static constexpr bool kMoe = impl::is_moe_layer_v<Ffn>;
+  static constexpr bool kSentence = [] {
+    if constexpr (kMoe) {
+      return std::is_same_v<typename Ffn::Route, route::Sentence>;
+    } else {
+      return false;
+    }
+  }();
   struct Cache {
     LayerNormCache<Scalar, Cpu> ln;
     typename Ffn::Cache ffn;
@@ -100,6 +132,52 @@ struct FfnSublayer {
     }
     drop.forward(ctx, c.out, y, c.drop, {.training = a.training, .seed = a.seed, .offset = a.rng_offset + site});
     Ops<Cpu>::axpy<Scalar>(ctx, y, x);
+  }
+
+  /// Decoding state: the forward caches, reused every step, and for sentence routing the running sum of the
+  /// MoE layer's inputs over the prefix (each step routes by the prefix mean; paper-spec 1.3's caveat).
+  struct StepState {
+    Cache c;
+    Tensor<Scalar, Cpu> prefix_sum;  // (B, C), sentence routing
+    Tensor<Scalar, Cpu> repr;        // (B, C) prefix mean
+    std::int64_t steps = 0;
+  };
+
+  /// y (B, C) = x + FFN(LN(x)) for one new token per row, at inference.
+  void step(CpuContext& ctx, ConstTensorView<Scalar, Cpu> x, TensorView<Scalar, Cpu> y, StepState& st,
+            const StepBlockArgs& a) const {
+    const std::int64_t B = x.dim(0), C = x.dim(1);
+    Cache& c = st.c;
+    c.normed.resize({B, 1, C});
+    c.out.resize({B, 1, C});
+    ln.forward(ctx, x, c.normed.view().reshape({B, C}), c.ln);
+    if constexpr (kMoe) {
+      moe::Input<Scalar, Cpu> in{.x = c.normed, .segment_ids = a.active};
+      if constexpr (std::is_same_v<typename Ffn::Route, route::Task>) in.task_ids = a.task_ids;
+      if constexpr (kSentence) {
+        if (st.steps == 0 || st.prefix_sum.numel() != B * C) {
+          st.prefix_sum.resize({B, C});
+          std::fill_n(st.prefix_sum.data(), B * C, Scalar(0));
+        }
+        ++st.steps;
+        st.repr.resize({B, C});
+        const Scalar inv = Scalar(1) / static_cast<Scalar>(st.steps);
+        for (std::int64_t i = 0; i < B * C; ++i) {
+          st.prefix_sum.data()[i] += c.normed.data()[i];
+          st.repr.data()[i] = st.prefix_sum.data()[i] * inv;
+        }
+        in.sentence_repr = st.repr;
+      }
+      ffn.forward(ctx, in, c.out, c.ffn, {});
+    } else {
+      ffn.forward(ctx, c.normed, c.out, c.ffn);
+    }
+    for (std::int64_t i = 0; i < B * C; ++i) y.data()[i] = x.data()[i] + c.out.data()[i];
+  }
+
+  /// Keeps rows `rows` of the decoding state (beam search reorders and repeats rows).
+  void select_rows(StepState& st, const std::vector<std::int64_t>& rows, Tensor<Scalar, Cpu>& scratch) const {
+    if constexpr (kSentence) impl::select_rows(st.prefix_sum, rows, scratch);
   }
 
   /// dx = dy + d(LN(x)) path; overwrites dx.
@@ -222,6 +300,9 @@ class EncoderBlock {
 
   [[nodiscard]] double aux_loss(const Cache& c) const { return ffn_.aux_loss(c.ffn); }
 
+  /// The FFN slot's layer (a FeedForward or an moe::Layer).
+  [[nodiscard]] const Ffn& ffn() const noexcept { return ffn_.ffn; }
+
   [[nodiscard]] ParameterRefs<Scalar, Cpu> parameter_refs(const std::string& p) {
     ParameterRefs<Scalar, Cpu> out = self_.parameter_refs(p, "self_attn");
     impl::append(out, ffn_.parameter_refs(p));
@@ -260,6 +341,48 @@ class DecoderBlock {
     ffn_.forward(ctx, c.h2, y, c.ffn, a, 2);
   }
 
+  /// Step-by-step decoding state of one block: its self-attention keys and values so far, the cross-attention
+  /// keys and values of the source, and the FFN sub-layer's state.
+  struct StepState {
+    KvCache<Scalar, Cpu> self, cross;
+    AttentionStepWork<Scalar, Cpu> work;
+    LayerNormCache<Scalar, Cpu> ln;
+    Tensor<Scalar, Cpu> normed, a, h1, h2;  // (B, C)
+    typename FfnSublayer<Ffn, Scalar>::StepState ffn;
+  };
+
+  /// Prepares decoding of B rows over `memory` (B, S, C), up to `max_steps` target positions.
+  void begin_steps(CpuContext& ctx, ConstTensorView<Scalar, Cpu> memory, std::int64_t max_steps,
+                   StepState& st) const {
+    const std::int64_t B = memory.dim(0), C = memory.dim(2);
+    MultiHeadAttention<Scalar, Cpu>::reserve(st.self, B, max_steps, C);
+    cross_.attn.project_memory(ctx, memory, st.cross);
+    st.ffn.steps = 0;
+  }
+
+  /// y (B, C) from the new token's state x (B, C): the last position of forward() on the whole prefix.
+  void step(CpuContext& ctx, ConstTensorView<Scalar, Cpu> x, TensorView<Scalar, Cpu> y, StepState& st,
+            const StepBlockArgs& a) const {
+    const std::int64_t B = x.dim(0), C = x.dim(1);
+    for (auto* t : {&st.normed, &st.a, &st.h1, &st.h2}) t->resize({B, C});
+    self_.ln.forward(ctx, x, st.normed, st.ln);
+    self_.attn.step_self(ctx, st.normed, st.self, st.a, st.work);
+    for (std::int64_t i = 0; i < B * C; ++i) st.h1.data()[i] = x.data()[i] + st.a.data()[i];
+    cross_.ln.forward(ctx, st.h1, st.normed, st.ln);
+    cross_.attn.step_cross(ctx, st.normed, st.cross, a.memory_valid, st.a, st.work);
+    for (std::int64_t i = 0; i < B * C; ++i) st.h2.data()[i] = st.h1.data()[i] + st.a.data()[i];
+    ffn_.step(ctx, st.h2, y, st.ffn, a);
+  }
+
+  /// Keeps rows `rows` (in that order, repeats allowed) of the decoding state.
+  void select_rows(StepState& st, const std::vector<std::int64_t>& rows, Tensor<Scalar, Cpu>& scratch) const {
+    impl::select_rows(st.self.k, rows, scratch);
+    impl::select_rows(st.self.v, rows, scratch);
+    impl::select_rows(st.cross.k, rows, scratch);
+    impl::select_rows(st.cross.v, rows, scratch);
+    ffn_.select_rows(st.ffn, rows, scratch);
+  }
+
   /// dx overwritten; dmemory accumulates.
   void backward(CpuContext& ctx, Cache& c, ConstTensorView<Scalar, Cpu> dy, TensorView<Scalar, Cpu> dx,
                 TensorView<Scalar, Cpu> dmemory) {
@@ -271,6 +394,9 @@ class DecoderBlock {
   }
 
   [[nodiscard]] double aux_loss(const Cache& c) const { return ffn_.aux_loss(c.ffn); }
+
+  /// The FFN slot's layer (a FeedForward or an moe::Layer).
+  [[nodiscard]] const Ffn& ffn() const noexcept { return ffn_.ffn; }
 
   [[nodiscard]] ParameterRefs<Scalar, Cpu> parameter_refs(const std::string& p) {
     ParameterRefs<Scalar, Cpu> out = self_.parameter_refs(p, "self_attn");

@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -44,6 +45,8 @@ struct TransformerConfig {
   std::int64_t num_tasks = 0;       ///< task-routed stacks: the number of task ids
   std::int64_t moe_group_size = 0;  ///< tokens per capacity group; 0 = the whole batch
   std::int32_t pad_id = 0;          ///< padding token id: masked in attention, never routed, ignored by the loss
+  std::int32_t bos_id = 1;          ///< first token of every target input (decoding starts from it)
+  std::int32_t eos_id = 2;          ///< end of sequence (decoding stops at it)
 
   friend bool operator==(const TransformerConfig&, const TransformerConfig&) = default;
 };
@@ -81,6 +84,20 @@ template <int Every, class Cfg, class Scalar>
 struct moe_ffn<MoeEvery<Every, Cfg>, Scalar> {
   using type = moe::Layer<Cfg, Scalar, Cpu>;
 };
+template <int Every, class Cfg, class Scalar>
+struct moe_ffn<FoldedEvery<Every, Cfg>, Scalar> {
+  using type = FeedForward<typename Cfg::activation_type, Scalar, Cpu>;  // width K * d_ff, no biases
+};
+
+/// Block sizes of a pattern's special (MoE or folded) blocks.
+template <class P>
+BlockSizes special_sizes(BlockSizes s) {
+  if constexpr (P::has_moe && P::folded) {
+    s.d_ff *= P::moe_config::top_k;
+    s.ffn_bias = false;
+  }
+  return s;
+}
 
 /// Parameters of one stack under `pattern` (exact: matches what the layers allocate).
 template <FfnPattern P>
@@ -94,7 +111,7 @@ std::int64_t stack_parameters(const TransformerConfig& c, std::int64_t layers, b
       using Cfg = typename P::moe_config;
       if (P::is_moe(i)) {
         const bool task = std::is_same_v<typename Cfg::route_type, route::Task>;
-        if (extracted && task) {
+        if ((extracted && task) || P::folded) {
           n += 2 * static_cast<std::int64_t>(Cfg::top_k) * F * C;  // K experts folded into one dense FFN
         } else {
           n += static_cast<std::int64_t>(Cfg::experts) * C + (task ? c.num_tasks * C : 0) +
@@ -162,16 +179,28 @@ class Transformer<EncoderPattern, DecoderPattern, Scalar, Cpu> {
                                    .num_tasks = config.num_tasks, .moe_group_size = config.moe_group_size,
                                    .dropout = config.dropout};
     for (std::int64_t i = 0; i < config.encoder_layers; ++i) {
-      if (EncoderPattern::is_moe(i)) enc_moe_.emplace_back(sizes);
+      if (EncoderPattern::is_moe(i)) enc_moe_.emplace_back(impl::special_sizes<EncoderPattern>(sizes));
       else enc_dense_.emplace_back(sizes);
     }
     for (std::int64_t i = 0; i < config.decoder_layers; ++i) {
-      if (DecoderPattern::is_moe(i)) dec_moe_.emplace_back(sizes);
+      if (DecoderPattern::is_moe(i)) dec_moe_.emplace_back(impl::special_sizes<DecoderPattern>(sizes));
       else dec_dense_.emplace_back(sizes);
     }
   }
 
   [[nodiscard]] const TransformerConfig& config() const noexcept { return config_; }
+
+  /// Free-form string metadata saved with the model (io::save_model) and restored by io::load_model; extraction
+  /// records the task and the experts it kept here.
+  [[nodiscard]] std::map<std::string, std::string>& metadata() noexcept { return metadata_; }
+  [[nodiscard]] const std::map<std::string, std::string>& metadata() const noexcept { return metadata_; }
+
+  /// Block i of the encoder / decoder, for inspection and extraction: the MoE (or folded) block when
+  /// Pattern::is_moe(i), otherwise the dense one.
+  [[nodiscard]] const EncMoe& encoder_moe_block(std::int64_t i) const { return enc_moe_.at(moe_index<EncoderPattern>(i)); }
+  [[nodiscard]] EncMoe& encoder_moe_block(std::int64_t i) { return enc_moe_.at(moe_index<EncoderPattern>(i)); }
+  [[nodiscard]] const DecMoe& decoder_moe_block(std::int64_t i) const { return dec_moe_.at(moe_index<DecoderPattern>(i)); }
+  [[nodiscard]] DecMoe& decoder_moe_block(std::int64_t i) { return dec_moe_.at(moe_index<DecoderPattern>(i)); }
 
   /// Initializes every parameter from Philox(seed) (each layer on its own stream).
   void init(std::uint64_t seed) {
@@ -222,35 +251,12 @@ class Transformer<EncoderPattern, DecoderPattern, Scalar, Cpu> {
   ///         token id outside [0, V), a task id outside [0, num_tasks) or missing task ids.
   void forward(CpuContext& ctx, const Batch& batch, Cache& c, const StepArgs& args = {}) const {
     validate(batch);
-    const std::int64_t B = batch.source.dim(0), S = batch.source.dim(1), T = batch.target_in.dim(1);
+    const std::int64_t B = batch.source.dim(0), T = batch.target_in.dim(1);
     const std::int64_t C = config_.d_model, V = config_.vocab_size;
-    valid_mask(batch.source, c.source_valid);
     valid_mask(batch.target_in, c.target_valid);
     const std::uint64_t base = args.step * kRngSitesPerBlock * static_cast<std::uint64_t>(
                                    config_.encoder_layers + config_.decoder_layers + 1);
-
-    // Encoder.
-    c.encoder_states.resize(static_cast<std::size_t>(config_.encoder_layers + 1));
-    embed(ctx, batch.source, c.encoder_states[0], c.source_embedding, c.source_positions, c.source_dropout, args,
-          base);
-    c.enc_dense.resize(enc_dense_.size());
-    c.enc_moe.resize(enc_moe_.size());
-    for (std::int64_t i = 0; i < config_.encoder_layers; ++i) {
-      const BlockArgs a{.valid = c.source_valid, .task_ids = batch.task_ids, .training = args.training,
-                        .seed = args.seed, .rng_offset = base + kRngSitesPerBlock * static_cast<std::uint64_t>(i + 1)};
-      auto& in = c.encoder_states[static_cast<std::size_t>(i)];
-      auto& out = c.encoder_states[static_cast<std::size_t>(i + 1)];
-      out.resize({B, S, C});
-      if (EncoderPattern::is_moe(i)) {
-        const auto k = moe_index<EncoderPattern>(i);
-        enc_moe_[k].forward(ctx, in, out, c.enc_moe[k], a);
-      } else {
-        const auto k = dense_index<EncoderPattern>(i);
-        enc_dense_[k].forward(ctx, in, out, c.enc_dense[k], a);
-      }
-    }
-    c.memory.resize({B, S, C});
-    encoder_norm_.forward(ctx, c.encoder_states.back(), c.memory, c.encoder_norm);
+    encode(ctx, batch.source, batch.task_ids, c, args, base);
 
     // Decoder.
     c.decoder_states.resize(static_cast<std::size_t>(config_.decoder_layers + 1));
@@ -279,6 +285,152 @@ class Transformer<EncoderPattern, DecoderPattern, Scalar, Cpu> {
     c.logits.resize({B, T, V});
     embedding_.project(ctx, c.decoder_out, c.logits, c.projection);
   }
+
+  /// Step-by-step decoding state: the encoder's output and caches, every decoder block's key/value caches, and
+  /// the rows' masks and tasks. Reused across sources; begin_decode resets it.
+  struct DecodeState {
+    std::int64_t batch = 0;      ///< B rows (sequences, or sequences x beams)
+    std::int64_t steps = 0;      ///< target positions decoded so far
+    std::int64_t max_steps = 0;  ///< positions reserved in the key/value caches
+    Tensor<std::int32_t, Cpu> task_ids;  ///< (B)
+    Tensor<std::int32_t, Cpu> active;    ///< (B, 1): 1 = still decoding; 0 = finished, its token is not routed
+    Cache encoder;                       ///< encoder caches; encoder.source_valid (B, S) masks cross-attention
+    std::vector<typename DecDense::StepState> dense;
+    std::vector<typename DecMoe::StepState> moe;
+    // Workspaces.
+    Tensor<std::int32_t, Cpu> ids;  // (B, 1)
+    Tensor<Scalar, Cpu> x, y;       // (B, 1, C) block input and output
+    Tensor<Scalar, Cpu> out;        // (B, C) after the final norm
+    EmbeddingCache<Cpu> emb;
+    SinusoidalPositionsCache pos;
+    LayerNormCache<Scalar, Cpu> norm;
+    EmbeddingProjectCache<Scalar, Cpu> proj;
+    Tensor<Scalar, Cpu> scratch;
+    Tensor<std::int32_t, Cpu> iscratch;
+  };
+
+  /// Runs the encoder on `source` (B, S) and prepares decoding of up to `max_steps` target positions. Task ids
+  /// (B) are needed when a stack routes by task, ignored otherwise.
+  /// @throws ShapeError as forward() does for the source and task ids, or if max_steps is not in [1, max_length].
+  void begin_decode(CpuContext& ctx, ConstTensorView<std::int32_t, Cpu> source,
+                    ConstTensorView<std::int32_t, Cpu> task_ids, std::int64_t max_steps, DecodeState& st) const {
+    const std::string op = "Transformer::begin_decode";
+    if (source.rank() != 2) {
+      throw ShapeError(op + ": source must be (B, S) token ids, got " + source.shape().to_string());
+    }
+    if (max_steps < 1 || max_steps > config_.max_length) {
+      throw ShapeError(op + ": max_steps " + std::to_string(max_steps) + " is outside [1, max_length " +
+                       std::to_string(config_.max_length) + "]");
+    }
+    const std::int64_t B = source.dim(0);
+    validate_source(op, source);
+    validate_tasks(op, task_ids, B);
+    st.batch = B;
+    st.steps = 0;
+    st.max_steps = max_steps;
+    st.task_ids.resize({B});
+    if (kNeedsTasks) std::copy_n(task_ids.data(), B, st.task_ids.data());
+    st.active.resize({B, 1});
+    std::fill_n(st.active.data(), B, 1);
+    encode(ctx, source, kNeedsTasks ? st.task_ids.cview() : ConstTensorView<std::int32_t, Cpu>{}, st.encoder, {}, 0);
+    st.dense.resize(dec_dense_.size());
+    st.moe.resize(dec_moe_.size());
+    for (std::size_t k = 0; k < dec_dense_.size(); ++k) dec_dense_[k].begin_steps(ctx, st.encoder.memory, max_steps, st.dense[k]);
+    for (std::size_t k = 0; k < dec_moe_.size(); ++k) dec_moe_[k].begin_steps(ctx, st.encoder.memory, max_steps, st.moe[k]);
+  }
+
+  /// Decodes one position: `tokens` (B) are the rows' current inputs (BOS first); writes `logits` (B, V) for the
+  /// next token. Equal to forward() on the whole prefix at its last position (exactly so for dense, task-routed
+  /// and token-routed layers whose capacity drops nothing; sentence-routed layers route by the prefix mean).
+  /// @throws ShapeError for a wrong shape, a token id outside the vocabulary, or no position left.
+  void decode_step(CpuContext& ctx, DecodeState& st, ConstTensorView<std::int32_t, Cpu> tokens,
+                   TensorView<Scalar, Cpu> logits) const {
+    const std::string op = "Transformer::decode_step";
+    const std::int64_t B = st.batch, C = config_.d_model, V = config_.vocab_size;
+    require_shape(op, "tokens", tokens, Shape{B});
+    require_shape(op, "logits", logits, Shape{B, V});
+    if (st.steps >= st.max_steps) {
+      throw ShapeError(op + ": all " + std::to_string(st.max_steps) + " reserved positions are decoded");
+    }
+    st.ids.resize({B, 1});
+    for (std::int64_t b = 0; b < B; ++b) {
+      const std::int32_t t = tokens.data()[b];
+      if (t < 0 || t >= V) {
+        throw ShapeError(op + ": token id " + std::to_string(t) + " of row " + std::to_string(b) +
+                         " is outside the vocabulary [0, " + std::to_string(V) + ")");
+      }
+      st.ids.data()[b] = t;
+    }
+    st.x.resize({B, 1, C});
+    st.y.resize({B, 1, C});
+    embedding_.forward(ctx, st.ids, st.x, st.emb);
+    positions_.forward(ctx, st.x, st.x, st.pos, st.steps);
+    const StepBlockArgs a{.active = st.active, .memory_valid = st.encoder.source_valid, .task_ids = st.task_ids};
+    for (std::int64_t i = 0; i < config_.decoder_layers; ++i) {
+      const auto in = st.x.view().reshape({B, C});
+      auto out = st.y.view().reshape({B, C});
+      if (DecoderPattern::is_moe(i)) {
+        const auto k = moe_index<DecoderPattern>(i);
+        dec_moe_[k].step(ctx, in, out, st.moe[k], a);
+      } else {
+        const auto k = dense_index<DecoderPattern>(i);
+        dec_dense_[k].step(ctx, in, out, st.dense[k], a);
+      }
+      std::swap(st.x, st.y);
+    }
+    st.out.resize({B, C});
+    decoder_norm_.forward(ctx, st.x.view().reshape({B, C}), st.out, st.norm);
+    embedding_.project(ctx, st.out, logits, st.proj);
+    ++st.steps;
+  }
+
+  /// Keeps rows `rows` of the state, in that order; rows may repeat (beam search expands and reorders beams).
+  /// @throws ShapeError if a row is outside [0, B).
+  void select_rows(DecodeState& st, const std::vector<std::int64_t>& rows) const {
+    for (const std::int64_t r : rows) {
+      if (r < 0 || r >= st.batch) {
+        throw ShapeError("Transformer::select_rows: row " + std::to_string(r) + " is outside [0, " +
+                         std::to_string(st.batch) + ")");
+      }
+    }
+    impl::select_rows(st.task_ids, rows, st.iscratch);
+    impl::select_rows(st.active, rows, st.iscratch);
+    impl::select_rows(st.encoder.source_valid, rows, st.iscratch);
+    impl::select_rows(st.encoder.memory, rows, st.scratch);
+    for (std::size_t k = 0; k < dec_dense_.size(); ++k) dec_dense_[k].select_rows(st.dense[k], rows, st.scratch);
+    for (std::size_t k = 0; k < dec_moe_.size(); ++k) dec_moe_[k].select_rows(st.moe[k], rows, st.scratch);
+    st.batch = static_cast<std::int64_t>(rows.size());
+  }
+
+ private:
+  // Encoder: source ids -> c.memory (B, S, C), filling c.source_valid and the encoder caches.
+  void encode(CpuContext& ctx, ConstTensorView<std::int32_t, Cpu> source, ConstTensorView<std::int32_t, Cpu> task_ids,
+              Cache& c, const StepArgs& args, std::uint64_t base) const {
+    const std::int64_t B = source.dim(0), S = source.dim(1), C = config_.d_model;
+    valid_mask(source, c.source_valid);
+    c.encoder_states.resize(static_cast<std::size_t>(config_.encoder_layers + 1));
+    embed(ctx, source, c.encoder_states[0], c.source_embedding, c.source_positions, c.source_dropout, args, base);
+    c.enc_dense.resize(enc_dense_.size());
+    c.enc_moe.resize(enc_moe_.size());
+    for (std::int64_t i = 0; i < config_.encoder_layers; ++i) {
+      const BlockArgs a{.valid = c.source_valid, .task_ids = task_ids, .training = args.training,
+                        .seed = args.seed, .rng_offset = base + kRngSitesPerBlock * static_cast<std::uint64_t>(i + 1)};
+      auto& in = c.encoder_states[static_cast<std::size_t>(i)];
+      auto& out = c.encoder_states[static_cast<std::size_t>(i + 1)];
+      out.resize({B, S, C});
+      if (EncoderPattern::is_moe(i)) {
+        const auto k = moe_index<EncoderPattern>(i);
+        enc_moe_[k].forward(ctx, in, out, c.enc_moe[k], a);
+      } else {
+        const auto k = dense_index<EncoderPattern>(i);
+        enc_dense_[k].forward(ctx, in, out, c.enc_dense[k], a);
+      }
+    }
+    c.memory.resize({B, S, C});
+    encoder_norm_.forward(ctx, c.encoder_states.back(), c.memory, c.encoder_norm);
+  }
+
+ public:
 
   /// Sum of the MoE layers' auxiliary losses (coefficients included) of the last forward.
   [[nodiscard]] double aux_loss(const Cache& c) const {
@@ -360,6 +512,10 @@ class Transformer<EncoderPattern, DecoderPattern, Scalar, Cpu> {
     if (kNeedsTasks && c.num_tasks <= 0) {
       throw ShapeError(op + ": a task-routed stack needs num_tasks >= 1, got " + std::to_string(c.num_tasks));
     }
+    if (c.bos_id < 0 || c.bos_id >= c.vocab_size || c.eos_id < 0 || c.eos_id >= c.vocab_size) {
+      throw ShapeError(op + ": bos_id " + std::to_string(c.bos_id) + " and eos_id " + std::to_string(c.eos_id) +
+                       " must be in the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
+    }
     if (c.pad_id < 0 || c.pad_id >= c.vocab_size) {
       throw ShapeError(op + ": pad_id " + std::to_string(c.pad_id) + " is outside the vocabulary [0, " +
                        std::to_string(c.vocab_size) + ")");
@@ -378,33 +534,38 @@ class Transformer<EncoderPattern, DecoderPattern, Scalar, Cpu> {
       throw ShapeError(op + ": source has " + std::to_string(B) + " sequences but target_in has " +
                        std::to_string(b.target_in.dim(0)) + "; the batch sizes must match");
     }
-    auto check_len = [&](const char* what, std::int64_t len) {
-      if (len > config_.max_length) {
-        throw ShapeError(op + ": " + what + " length " + std::to_string(len) + " exceeds max_length " +
-                         std::to_string(config_.max_length));
+    validate_source(op, b.source);
+    check_ids(op, "target_in", b.target_in);
+    validate_tasks(op, b.task_ids, B);
+  }
+
+  void check_ids(const std::string& op, const char* what, ConstTensorView<std::int32_t, Cpu> ids) const {
+    if (ids.dim(1) > config_.max_length) {
+      throw ShapeError(op + ": " + what + " length " + std::to_string(ids.dim(1)) + " exceeds max_length " +
+                       std::to_string(config_.max_length));
+    }
+    for (std::int64_t i = 0; i < ids.numel(); ++i) {
+      const std::int32_t t = ids.data()[i];
+      if (t < 0 || t >= config_.vocab_size) {
+        throw ShapeError(op + ": " + what + " token id " + std::to_string(t) + " at (row " +
+                         std::to_string(i / ids.dim(1)) + ", position " + std::to_string(i % ids.dim(1)) +
+                         ") is outside the vocabulary [0, " + std::to_string(config_.vocab_size) + ")");
       }
-    };
-    check_len("source", b.source.dim(1));
-    check_len("target_in", b.target_in.dim(1));
-    auto check_ids = [&](const char* what, ConstTensorView<std::int32_t, Cpu> ids) {
-      for (std::int64_t i = 0; i < ids.numel(); ++i) {
-        const std::int32_t t = ids.data()[i];
-        if (t < 0 || t >= config_.vocab_size) {
-          throw ShapeError(op + ": " + what + " token id " + std::to_string(t) + " at (row " +
-                           std::to_string(i / ids.dim(1)) + ", position " + std::to_string(i % ids.dim(1)) +
-                           ") is outside the vocabulary [0, " + std::to_string(config_.vocab_size) + ")");
-        }
-      }
-    };
-    check_ids("source", b.source);
-    check_ids("target_in", b.target_in);
+    }
+  }
+
+  void validate_source(const std::string& op, ConstTensorView<std::int32_t, Cpu> source) const {
+    check_ids(op, "source", source);
+  }
+
+  void validate_tasks(const std::string& op, ConstTensorView<std::int32_t, Cpu> task_ids, std::int64_t B) const {
     if constexpr (kNeedsTasks) {
-      if (b.task_ids.rank() != 1 || b.task_ids.dim(0) != B) {
+      if (task_ids.rank() != 1 || task_ids.dim(0) != B) {
         throw ShapeError(op + ": task routing needs task_ids of shape (" + std::to_string(B) + "), got " +
-                         b.task_ids.shape().to_string());
+                         task_ids.shape().to_string());
       }
       for (std::int64_t i = 0; i < B; ++i) {
-        const std::int32_t t = b.task_ids.data()[i];
+        const std::int32_t t = task_ids.data()[i];
         if (t < 0 || t >= config_.num_tasks) {
           throw ShapeError(op + ": task id " + std::to_string(t) + " of row " + std::to_string(i) +
                            " is unknown; expected an id in [0, " + std::to_string(config_.num_tasks) + ")");
@@ -437,6 +598,7 @@ class Transformer<EncoderPattern, DecoderPattern, Scalar, Cpu> {
   }
 
   TransformerConfig config_;
+  std::map<std::string, std::string> metadata_;
   Embedding<Scalar, Cpu> embedding_;
   SinusoidalPositions<Scalar, Cpu> positions_;
   Dropout<Scalar, Cpu> dropout_;

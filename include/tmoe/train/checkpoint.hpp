@@ -24,7 +24,7 @@
 
 namespace tmoe::train {
 
-inline constexpr const char* kCheckpointModelKey = "tmoe.model";
+inline constexpr const char* kCheckpointModelKey = "tmoe.model";  // = io::kModelKey
 inline constexpr const char* kCheckpointStepKey = "tmoe.step";
 
 /// Writes parameters ("embedding.weight", ...), optimizer buffers ("optimizer.<name>.<buffer>") and metadata.
