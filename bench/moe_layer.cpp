@@ -43,8 +43,11 @@
 
 #include <tmoe/tmoe.hpp>
 
+#include "ceilings.hpp"
+
 namespace {
 
+using namespace tmoe_bench;
 using tmoe::Cpu;
 using tmoe::CpuContext;
 using tmoe::Tensor;
@@ -55,147 +58,6 @@ constexpr std::int64_t kModel = 512;      // C
 constexpr std::int64_t kFF = 2048;        // F per expert
 constexpr std::int64_t kRowLength = 32;   // sentence routing: tokens per row (one sentence per row)
 constexpr std::int64_t kTasks = 4;        // task routing: rows of the task embedding
-constexpr int kThreads = 2;
-constexpr std::int64_t kGemmSize = 2048;                // ceiling GEMM: kGemmSize^3
-constexpr std::int64_t kBandwidthBytes = 1LL << 30;     // ceiling read buffer: 1 GiB, far above the LLC
-constexpr int kCeilingPasses = 5;
-
-CpuContext& context() {
-  static CpuContext ctx{kThreads};
-  return ctx;
-}
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-void fill_normal(float* p, std::int64_t n, std::uint64_t seed, float sigma = 1.0f) {
-  const tmoe::Philox rng(seed);
-  for (std::int64_t i = 0; i < n; ++i) {
-    const auto w = rng.block(static_cast<std::uint64_t>(i), 0);
-    p[i] = sigma * tmoe::normal01(w[0], w[1]);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Ceilings.
-
-struct GemmOperands {
-  Tensor<float, Cpu> a{kGemmSize, kGemmSize}, b{kGemmSize, kGemmSize}, c{kGemmSize, kGemmSize};
-  GemmOperands() {
-    fill_normal(a.data(), a.numel(), 11, 0.05f);
-    fill_normal(b.data(), b.numel(), 12, 0.05f);
-  }
-  void run() {
-    tmoe::Ops<Cpu>::gemm<float>(context(), c.view(), a.cview(), tmoe::Trans::kN, b.cview(), tmoe::Trans::kN);
-  }
-  static double flops() { return 2.0 * kGemmSize * kGemmSize * kGemmSize; }
-};
-
-GemmOperands& gemm_operands() {
-  static GemmOperands g;
-  return g;
-}
-
-/// The 1 GiB read buffer, first touched in parallel so its pages are spread like the reads.
-const float* bandwidth_buffer() {
-  static const std::unique_ptr<float[]> buffer = [] {
-    const std::int64_t n = kBandwidthBytes / static_cast<std::int64_t>(sizeof(float));
-    std::unique_ptr<float[]> p(new float[static_cast<std::size_t>(n)]);
-    context().parallel_range(n, 1 << 16, [&](std::int64_t b, std::int64_t e) { std::fill(p.get() + b, p.get() + e, 1.0f); });
-    return p;
-  }();
-  return buffer.get();
-}
-
-/// Sum of p[0, n), read as 8 interleaved sequential streams (one cache line from each in turn), so several hardware
-/// prefetch streams are in flight per core, as in a GEMV over several weight rows. Independent partial sums let the
-/// loop vectorize without reassociation flags.
-float sum_range(const float* p, std::int64_t n) {
-  constexpr int kStreams = 8, kLine = 16;
-  const std::int64_t len = n / kStreams / kLine * kLine;
-  float acc[kStreams][kLine] = {};
-  for (std::int64_t i = 0; i < len; i += kLine) {
-    for (int s = 0; s < kStreams; ++s) {
-      for (int l = 0; l < kLine; ++l) acc[s][l] += p[s * len + i + l];
-    }
-  }
-  float total = 0;
-  for (std::int64_t j = kStreams * len; j < n; ++j) total += p[j];
-  for (int s = 0; s < kStreams; ++s) {
-    for (int l = 0; l < kLine; ++l) total += acc[s][l];
-  }
-  return total;
-}
-
-/// One read pass over the whole buffer, split over the context's threads.
-float read_pass() {
-  const float* p = bandwidth_buffer();
-  const std::int64_t n = kBandwidthBytes / static_cast<std::int64_t>(sizeof(float));
-  std::mutex m;
-  float total = 0;
-  context().parallel_range(n, 1 << 16, [&](std::int64_t b, std::int64_t e) {
-    const float s = sum_range(p + b, e - b);
-    const std::lock_guard<std::mutex> lock(m);
-    total += s;
-  });
-  return total;
-}
-
-struct Ceilings {
-  double gemm_flops_per_s = 0;  // best of kCeilingPasses
-  double read_bytes_per_s = 0;  // best of kCeilingPasses
-};
-
-const Ceilings& ceilings() {
-  static const Ceilings c = [] {
-    Ceilings r;
-    auto& g = gemm_operands();
-    g.run();  // warm-up: pages, pool threads
-    for (int i = 0; i < kCeilingPasses; ++i) {
-      const auto t0 = std::chrono::steady_clock::now();
-      g.run();
-      r.gemm_flops_per_s = std::max(r.gemm_flops_per_s, GemmOperands::flops() / seconds_since(t0));
-    }
-    bandwidth_buffer();
-    for (int i = 0; i < kCeilingPasses; ++i) {
-      const auto t0 = std::chrono::steady_clock::now();
-      float s = read_pass();
-      benchmark::DoNotOptimize(s);
-      r.read_bytes_per_s = std::max(r.read_bytes_per_s, static_cast<double>(kBandwidthBytes) / seconds_since(t0));
-    }
-    // On stderr, so --benchmark_format=json on stdout stays valid JSON.
-    std::fprintf(stderr, "ceilings (%d threads, best of %d): fp32 GEMM %lldx%lldx%lld %.1f GFLOP/s; read bandwidth over "
-                "%lld MiB %.2f GB/s\n",
-                kThreads, kCeilingPasses, static_cast<long long>(kGemmSize), static_cast<long long>(kGemmSize),
-                static_cast<long long>(kGemmSize), r.gemm_flops_per_s * 1e-9,
-                static_cast<long long>(kBandwidthBytes >> 20), r.read_bytes_per_s * 1e-9);
-    return r;
-  }();
-  return c;
-}
-
-void BM_Ceiling_GemmFp32(benchmark::State& state) {
-  const Ceilings& c = ceilings();
-  auto& g = gemm_operands();
-  for (auto _ : state) {
-    g.run();
-    benchmark::DoNotOptimize(g.c.data());
-    benchmark::ClobberMemory();
-  }
-  state.counters["GFLOP/s"] = benchmark::Counter(GemmOperands::flops() * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["ceiling_GFLOP/s"] = c.gemm_flops_per_s * 1e-9;
-}
-
-void BM_Ceiling_ReadBandwidth(benchmark::State& state) {
-  const Ceilings& c = ceilings();
-  for (auto _ : state) {
-    float s = read_pass();
-    benchmark::DoNotOptimize(s);
-  }
-  state.SetBytesProcessed(state.iterations() * kBandwidthBytes);
-  state.counters["ceiling_GB/s"] = c.read_bytes_per_s * 1e-9;
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Counters shared by every case.

@@ -39,6 +39,7 @@ namespace tmoe::decode {
 struct GreedyOptions {
   std::int64_t max_length = 0;  ///< most target tokens per sequence (EOS included); 0 = the model's max_length
   bool stop_at_eos = true;      ///< false: always decode max_length tokens (benchmarks)
+  bool scores = true;           ///< false: skip the log-probabilities (a log-sum-exp over V per row and step)
 };
 
 /// Beam search settings.
@@ -51,7 +52,8 @@ struct BeamOptions {
 /// One result per source, in input order.
 struct Result {
   std::vector<std::vector<std::int32_t>> tokens;  ///< without BOS and EOS
-  std::vector<double> scores;                     ///< greedy: sum of log-probabilities; beam: that over lp(length)
+  std::vector<double> scores;                     ///< greedy: sum of log-probabilities (0 without scores); beam:
+                                                  ///< that over lp(length)
   std::int64_t steps = 0;                         ///< decoder steps run
   std::int64_t tokens_decoded = 0;                ///< rows x steps actually computed
 };
@@ -90,15 +92,24 @@ class Decoder {
       const std::int64_t B = static_cast<std::int64_t>(seq.size());
       step_logits(ctx, next, B);
       r.tokens_decoded += B;
+      // Most probable token (ties to the lower id) and its log-probability, rows in parallel.
+      best_.resize(static_cast<std::size_t>(B));
+      logp_.resize(static_cast<std::size_t>(B));
+      ctx.parallel_range(B, 1, [&](std::int64_t b0, std::int64_t b1) {
+        for (std::int64_t b = b0; b < b1; ++b) {
+          const Scalar* l = logits_.data() + b * V;
+          std::int64_t best = 0;
+          for (std::int64_t v = 1; v < V; ++v) best = l[v] > l[best] ? v : best;
+          best_[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(best);
+          logp_[static_cast<std::size_t>(b)] = options.scores ? static_cast<double>(l[best]) - log_sum_exp(l, V) : 0.0;
+        }
+      });
       std::vector<std::int64_t> keep;
       keep.reserve(seq.size());
       for (std::int64_t b = 0; b < B; ++b) {
-        const Scalar* l = logits_.data() + b * V;
-        std::int64_t best = 0;
-        for (std::int64_t v = 1; v < V; ++v) best = l[v] > l[best] ? v : best;
         const std::size_t s = static_cast<std::size_t>(seq[static_cast<std::size_t>(b)]);
-        r.scores[s] += static_cast<double>(l[best]) - log_sum_exp(l, V);
-        const auto token = static_cast<std::int32_t>(best);
+        r.scores[s] += logp_[static_cast<std::size_t>(b)];
+        const auto token = best_[static_cast<std::size_t>(b)];
         if (options.stop_at_eos && token == cfg.eos_id) continue;
         r.tokens[s].push_back(token);
         if (step + 1 < L) {
@@ -299,6 +310,8 @@ class Decoder {
   typename Model::DecodeState state_;
   Tensor<std::int32_t, Cpu> source_, tasks_, tokens_;
   Tensor<Scalar, Cpu> logits_;
+  std::vector<std::int32_t> best_;
+  std::vector<double> logp_;
 };
 
 /// Greedy search with a one-off Decoder.
