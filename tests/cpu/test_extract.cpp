@@ -100,7 +100,11 @@ void check_exact(std::uint64_t seed) {
     CHECK(allocated(sub) == expected);
     CHECK(extract::subnetwork_t<Model>::parameter_count(small()).total == expected);
     CHECK(expected < n.total);
-    const auto path = std::filesystem::path(TMOE_TEST_TMPDIR) / "sub.safetensors";
+    // One file per case: ctest runs the cases in parallel.
+    std::string file = "sub_";
+    file += std::to_string(seed);
+    file += ".safetensors";
+    const auto path = std::filesystem::path(TMOE_TEST_TMPDIR) / file;
     io::save_model(path, sub);
     std::ifstream f(path, std::ios::binary);
     unsigned char len[8];
