@@ -168,21 +168,14 @@ void forced_decode(const Model& model, const tmoe::Tensor<std::int32_t, Cpu>& so
                    const tmoe::Tensor<std::int32_t, Cpu>& task_ids, std::int64_t first, typename Model::DecodeState& st,
                    tmoe::Tensor<std::int32_t, Cpu>& inputs, tmoe::Tensor<float, Cpu>& logits,
                    std::vector<std::int32_t>& argmax, const std::function<void(std::int64_t)>& after_step = {}) {
-  const std::int64_t B = source.dim(0), V = model.config().vocab_size;
+  const std::int64_t B = source.dim(0);
   auto& ctx = context();
   model.begin_decode(ctx, source, task_ids, kLength, st);
   if (after_step) after_step(-1);
   for (std::int64_t t = 0; t < kLength; ++t) {
     for (std::int64_t b = 0; b < B; ++b) inputs.data()[b] = target_token((first + b) % kTestSet, t);
     model.decode_step(ctx, st, inputs, logits);
-    ctx.parallel_range(B, 1, [&](std::int64_t b0, std::int64_t b1) {
-      for (std::int64_t b = b0; b < b1; ++b) {
-        const float* l = logits.data() + b * V;
-        std::int64_t best = 0;
-        for (std::int64_t v = 1; v < V; ++v) best = l[v] > l[best] ? v : best;
-        argmax[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(best);
-      }
-    });
+    tmoe::decode::argmax_rows<float>(ctx, logits, argmax.data());
     if (after_step) after_step(t);
   }
 }

@@ -29,20 +29,8 @@ nn::TransformerConfig small(std::int64_t vocab = 17) {
 const std::vector<std::vector<std::int32_t>> kSources = {{5, 3, 9, 12, 4}, {7, 16, 4}, {11, 6, 8, 3, 15, 13, 10}};
 const std::vector<std::int32_t> kTasks = {2, 0, 1};
 
-// Padded (B, S) source tensor.
-Tensor<std::int32_t, Cpu> pad_sources(const std::vector<std::vector<std::int32_t>>& s) {
-  std::size_t S = 0;
-  for (const auto& x : s) S = std::max(S, x.size());
-  Tensor<std::int32_t, Cpu> t({static_cast<std::int64_t>(s.size()), static_cast<std::int64_t>(S)});
-  for (std::size_t b = 0; b < s.size(); ++b) std::copy(s[b].begin(), s[b].end(), t.data() + b * S);
-  return t;
-}
-
-Tensor<std::int32_t, Cpu> ids(const std::vector<std::int32_t>& v) {
-  Tensor<std::int32_t, Cpu> t({static_cast<std::int64_t>(v.size())});
-  std::copy(v.begin(), v.end(), t.data());
-  return t;
-}
+using test::id_tensor;
+using test::pad_rows;
 
 // Each decode_step's logits against forward() on the whole prefix, at every position.
 template <class Model>
@@ -50,8 +38,8 @@ void check_steps_match_full(std::uint64_t seed) {
   CpuContext ctx(2);
   Model model(small());
   model.init(seed);
-  const auto source = pad_sources(kSources);
-  const auto tasks = ids(kTasks);
+  const auto source = pad_rows(kSources);
+  const auto tasks = id_tensor(kTasks);
   const std::int64_t B = 3, T = 8, V = 17;
   Tensor<std::int32_t, Cpu> target({B, T});
   const Philox rng(seed);
@@ -69,9 +57,8 @@ void check_steps_match_full(std::uint64_t seed) {
       std::copy_n(full.logits.data() + (b * T + t) * V, V, expected.data() + b * V);
     }
     model.decode_step(ctx, st, step, logits);
-    const auto a = test::to_double<float>(logits), e = test::to_double<float>(expected);
     CAPTURE(t);
-    CHECK(test::rel_error(a.data(), e.data(), B * V) < 1e-5);
+    CHECK(test::rel_error<float>(logits, expected) < 1e-5);
   }
   CHECK_THROWS_WITH_AS(model.decode_step(ctx, st, step, logits), doctest::Contains("reserved positions"), ShapeError);
 }
@@ -82,10 +69,10 @@ std::vector<std::int32_t> reference_greedy(CpuContext& ctx, const Model& model, 
                                            std::int32_t task, std::int64_t max_len) {
   const std::int64_t V = model.config().vocab_size;
   std::vector<std::int32_t> out, prefix = {model.config().bos_id};
-  const auto source = pad_sources({src});
-  const auto tasks = ids({task});
+  const auto source = pad_rows({src});
+  const auto tasks = id_tensor({task});
   for (std::int64_t step = 0; step < max_len; ++step) {
-    const auto target = pad_sources({prefix});
+    const auto target = pad_rows({prefix});
     typename Model::Cache c;
     model.forward(ctx, {.source = source, .target_in = target, .task_ids = tasks}, c);
     const float* l = c.logits.data() + (static_cast<std::int64_t>(prefix.size()) - 1) * V;
@@ -158,9 +145,9 @@ TEST_SUITE("decode") {
         std::vector<std::int32_t> in = {1};
         in.insert(in.end(), y.begin(), y.end());
         typename nn::TokenTask<4>::Cache c;
-        const auto target = pad_sources({in});
-        const auto source = pad_sources({src});
-        const auto tasks = ids({task});
+        const auto target = pad_rows({in});
+        const auto source = pad_rows({src});
+        const auto tasks = id_tensor({task});
         model.forward(ctx, {.source = source, .target_in = target, .task_ids = tasks}, c);
         auto logp = [&](std::size_t pos, std::int32_t tok) {
           const float* l = c.logits.data() + static_cast<std::int64_t>(pos) * V;
@@ -213,7 +200,7 @@ TEST_SUITE("decode") {
     CpuContext ctx(2);
     nn::SentenceSentence<4> model(small());
     model.init(10);
-    const auto source = pad_sources(kSources);
+    const auto source = pad_rows(kSources);
     Tensor<std::int32_t, Cpu> target({3, 1});
     std::fill_n(target.data(), 3, 1);
     nn::SentenceSentence<4>::Cache full;
@@ -222,8 +209,7 @@ TEST_SUITE("decode") {
     model.begin_decode(ctx, source, {}, 4, st);
     Tensor<float, Cpu> logits({3, 17});
     model.decode_step(ctx, st, target.view().reshape({3}), logits);
-    const auto a = test::to_double<float>(logits), e = test::to_double<float>(full.logits);
-    CHECK(test::rel_error(a.data(), e.data(), 3 * 17) < 1e-5);
+    CHECK(test::rel_error<float>(logits, full.logits.view().reshape({3, 17})) < 1e-5);
     const auto r1 = decode::greedy(ctx, model, kSources, {}, {.max_length = 9});
     const auto r2 = decode::greedy(ctx, model, kSources, {}, {.max_length = 9});
     CHECK(r1.tokens == r2.tokens);
@@ -253,12 +239,12 @@ TEST_SUITE("decode") {
                          ShapeError);
     CHECK(decode::greedy(ctx, model, {}, {}).tokens.empty());
     nn::TokenTask<4>::DecodeState st;
-    const auto source = pad_sources({{3, 4}});
-    const auto tasks = ids({1});
+    const auto source = pad_rows({{3, 4}});
+    const auto tasks = id_tensor({1});
     model.begin_decode(ctx, source, tasks, 3, st);
     Tensor<float, Cpu> logits({1, 17});
-    CHECK_THROWS_WITH_AS(model.decode_step(ctx, st, ids({17}), logits), doctest::Contains("vocabulary"), ShapeError);
+    CHECK_THROWS_WITH_AS(model.decode_step(ctx, st, id_tensor({17}), logits), doctest::Contains("vocabulary"), ShapeError);
     Tensor<float, Cpu> wrong({2, 17});
-    CHECK_THROWS_AS(model.decode_step(ctx, st, ids({3}), wrong), ShapeError);
+    CHECK_THROWS_AS(model.decode_step(ctx, st, id_tensor({3}), wrong), ShapeError);
   }
 }

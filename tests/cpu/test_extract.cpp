@@ -57,18 +57,6 @@ struct Data {
   }
 };
 
-double max_rel(const Tensor<float, Cpu>& a, const Tensor<float, Cpu>& b) {
-  const auto x = test::to_double<float>(a), y = test::to_double<float>(b);
-  return test::rel_error(x.data(), y.data(), a.numel());
-}
-
-template <class Model>
-std::int64_t allocated(Model& m) {
-  std::int64_t n = 0;
-  for (auto& p : m.parameters()) n += p.view.numel();
-  return n;
-}
-
 // Logits, greedy and beam outputs of the sub-network equal the full model's, for every task.
 template <class Model>
 void check_exact(std::uint64_t seed) {
@@ -83,7 +71,7 @@ void check_exact(std::uint64_t seed) {
     typename extract::subnetwork_t<Model>::Cache sub_cache;
     model.forward(ctx, d.batch(), full_cache);
     sub.forward(ctx, {.source = d.source, .target_in = d.target}, sub_cache);
-    CHECK(max_rel(sub_cache.logits, full_cache.logits) < 1e-5);
+    CHECK(test::rel_error<float>(sub_cache.logits, full_cache.logits) < 1e-5);
 
     const std::vector<std::int32_t> tasks(3, task);
     const auto g_full = decode::greedy(ctx, model, d.sources(), tasks, {.max_length = 9});
@@ -97,7 +85,7 @@ void check_exact(std::uint64_t seed) {
     // Size: the formula, what is allocated, and the file.
     const auto n = Model::parameter_count(small());
     const std::int64_t expected = n.embedding + n.encoder_extracted + n.decoder_extracted;
-    CHECK(allocated(sub) == expected);
+    CHECK(test::parameter_elements(sub) == expected);
     CHECK(extract::subnetwork_t<Model>::parameter_count(small()).total == expected);
     CHECK(expected < n.total);
     // One file per case: ctest runs the cases in parallel.
@@ -117,7 +105,7 @@ void check_exact(std::uint64_t seed) {
     auto loaded = io::load_model<extract::subnetwork_t<Model>>(path);
     typename extract::subnetwork_t<Model>::Cache c2;
     loaded.forward(ctx, {.source = d.source, .target_in = d.target}, c2);
-    CHECK(max_rel(c2.logits, sub_cache.logits) == 0.0);
+    CHECK(test::rel_error<float>(c2.logits, sub_cache.logits) == 0.0);
     extract::Extraction rec;
     REQUIRE(extract::extraction_of(loaded, rec));
     CHECK(rec.task == task);
@@ -228,7 +216,7 @@ TEST_SUITE("extract") {
     CHECK_THROWS_WITH_AS(io::load_model<TokenTaskK2>(path), doctest::Contains("decoder"), IoError);
     const auto info = io::read_model_info(path);
     CHECK(info.decoder == "task/E=6/K=2/every=2/folded");
-    CHECK(info.parameters == allocated(sub));
+    CHECK(info.parameters == test::parameter_elements(sub));
   }
 
   TEST_CASE("expert usage: a task-routed layer sends every token of a task to its K experts") {

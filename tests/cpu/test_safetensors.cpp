@@ -240,6 +240,26 @@ TEST_SUITE("io") {
     CHECK(SafetensorsFile::read(dir / "c.safetensors").metadata() == std::map<std::string, std::string>{{"k", "v"}});
   }
 
+  TEST_CASE("read_header: names, shapes and metadata without the data; truncation still detected") {
+    const fs::path dir = fresh_dir("header_only");
+    Tensor<float, Cpu> a({3, 5}), b({7});
+    for (std::int64_t i = 0; i < 15; ++i) a.data()[i] = static_cast<float>(i);
+    save<float>(dir / "m.safetensors", {{"a", a.view()}, {"b", b.view()}}, {{"k", "v"}});
+    const auto h = SafetensorsFile::read_header(dir / "m.safetensors");
+    CHECK_FALSE(h.has_data());
+    CHECK(h.names() == std::vector<std::string>{"a", "b"});
+    CHECK(h.info("a").shape == Shape{3, 5});
+    CHECK(h.data_size() == 4 * 22);
+    CHECK(h.metadata().at("k") == "v");
+    CHECK_THROWS_WITH_AS(static_cast<void>(h.raw("a")), doctest::Contains("read_header"), IoError);
+    CHECK_THROWS_WITH_AS(static_cast<void>(h.read<float>("a")), doctest::Contains("read_header"), IoError);
+    const auto full = SafetensorsFile::read(dir / "m.safetensors");
+    CHECK(full.has_data());
+    CHECK(full.data_size() == h.data_size());
+    fs::resize_file(dir / "m.safetensors", fs::file_size(dir / "m.safetensors") - 4);
+    CHECK_THROWS_WITH_AS(SafetensorsFile::read_header(dir / "m.safetensors"), doctest::Contains("exceed"), IoError);
+  }
+
   TEST_CASE("hand-crafted valid files: zero-element tensors, unknown fields, whitespace") {
     const fs::path dir = fresh_dir("valid_crafted");
     // A zero-element tensor may sit anywhere its offsets say, including between two others.

@@ -31,13 +31,6 @@ struct TinyBatch {
   nn::Batch batch() const { return {.source = source, .target_in = target, .task_ids = tasks}; }
 };
 
-template <class Model>
-std::int64_t allocated(Model& m) {
-  std::int64_t n = 0;
-  for (auto& p : m.parameter_refs()) n += p.value.numel();
-  return n;
-}
-
 // loss = sum(logits * R) + aux; d loss / d every parameter by central differences.
 template <class Model>
 void model_gradient_check(std::uint64_t seed) {
@@ -94,7 +87,7 @@ TEST_SUITE("transformer") {
     auto check = [&]<class M>(M* /*tag*/) {
       M m(cfg);
       const auto n = M::parameter_count(cfg);
-      CHECK(n.total == allocated(m));
+      CHECK(n.total == test::parameter_elements(m));
       CHECK(n.embedding == 13 * 8);
     };
     check(static_cast<nn::DenseTransformer<float>*>(nullptr));

@@ -58,6 +58,20 @@ struct Result {
   std::int64_t tokens_decoded = 0;                ///< rows x steps actually computed
 };
 
+/// The most probable token of each row of `logits` (B, V), ties to the lower id, rows in parallel; out holds B ids.
+template <class Scalar>
+void argmax_rows(CpuContext& ctx, ConstTensorView<Scalar, Cpu> logits, std::int32_t* out) {
+  const std::int64_t B = logits.dim(0), V = logits.dim(1);
+  ctx.parallel_range(B, 1, [&](std::int64_t b0, std::int64_t b1) {
+    for (std::int64_t b = b0; b < b1; ++b) {
+      const Scalar* l = logits.data() + b * V;
+      std::int64_t best = 0;
+      for (std::int64_t v = 1; v < V; ++v) best = l[v] > l[best] ? v : best;
+      out[b] = static_cast<std::int32_t>(best);
+    }
+  });
+}
+
 /// GNMT length penalty ((5 + n) / 6)^alpha.
 inline double length_penalty(std::int64_t n, double alpha) {
   return std::pow((5.0 + static_cast<double>(n)) / 6.0, alpha);
@@ -95,15 +109,17 @@ class Decoder {
       // Most probable token (ties to the lower id) and its log-probability, rows in parallel.
       best_.resize(static_cast<std::size_t>(B));
       logp_.resize(static_cast<std::size_t>(B));
-      ctx.parallel_range(B, 1, [&](std::int64_t b0, std::int64_t b1) {
-        for (std::int64_t b = b0; b < b1; ++b) {
-          const Scalar* l = logits_.data() + b * V;
-          std::int64_t best = 0;
-          for (std::int64_t v = 1; v < V; ++v) best = l[v] > l[best] ? v : best;
-          best_[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(best);
-          logp_[static_cast<std::size_t>(b)] = options.scores ? static_cast<double>(l[best]) - log_sum_exp(l, V) : 0.0;
-        }
-      });
+      argmax_rows<Scalar>(ctx, logits_, best_.data());
+      if (options.scores) {
+        ctx.parallel_range(B, 1, [&](std::int64_t b0, std::int64_t b1) {
+          for (std::int64_t b = b0; b < b1; ++b) {
+            const Scalar* l = logits_.data() + b * V;
+            logp_[static_cast<std::size_t>(b)] = static_cast<double>(l[best_[static_cast<std::size_t>(b)]]) - log_sum_exp(l, V);
+          }
+        });
+      } else {
+        std::fill(logp_.begin(), logp_.end(), 0.0);
+      }
       std::vector<std::int64_t> keep;
       keep.reserve(seq.size());
       for (std::int64_t b = 0; b < B; ++b) {

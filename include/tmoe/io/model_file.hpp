@@ -36,10 +36,11 @@ struct ModelInfo {
   std::int64_t parameters = 0;                  ///< elements over all tensors (optimizer state excluded)
 };
 
-/// Reads a model file's header (or a checkpoint's).
-/// @throws IoError if the file is missing, unreadable, not safetensors, or has no valid "tmoe.model" entry.
+/// Reads a model file's header (or a checkpoint's); the tensor data is not read.
+/// @throws IoError if the file is missing, unreadable, not safetensors (header, offsets or size inconsistent), or has
+///         no valid "tmoe.model" entry.
 inline ModelInfo read_model_info(const std::filesystem::path& path) {
-  const SafetensorsFile file = SafetensorsFile::read(path);
+  const SafetensorsFile file = SafetensorsFile::read_header(path);
   const std::string where = path.string();
   const auto& meta = file.metadata();
   const auto it = meta.find(kModelKey);

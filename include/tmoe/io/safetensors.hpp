@@ -384,7 +384,18 @@ class SafetensorsFile {
   /// Reads and validates the whole file.
   /// @throws IoError naming `path` and the problem if it cannot be read or is not a valid safetensors file
   /// (see the file comment for the exact rules).
-  [[nodiscard]] static SafetensorsFile read(const std::filesystem::path& path) {
+  [[nodiscard]] static SafetensorsFile read(const std::filesystem::path& path) { return open(path, true); }
+
+  /// Reads and validates the header only (names, dtypes, shapes, offsets against the file's size, metadata),
+  /// without reading the tensor data: for inspecting a large model file. Its tensors cannot be read.
+  /// @throws IoError as read() does for everything but unreadable data bytes.
+  [[nodiscard]] static SafetensorsFile read_header(const std::filesystem::path& path) { return open(path, false); }
+
+  /// Whether the tensor data was read (false for read_header()).
+  [[nodiscard]] bool has_data() const noexcept { return has_data_; }
+
+ private:
+  [[nodiscard]] static SafetensorsFile open(const std::filesystem::path& path, bool with_data) {
     static constexpr std::string_view kOp = "SafetensorsFile::read";
     namespace fs = std::filesystem;
     SafetensorsFile f;
@@ -424,11 +435,24 @@ class SafetensorsFile {
     }
     std::string header(static_cast<std::size_t>(header_len), '\0');
     read_exact(header.data(), header_len, "header");
-    f.data_.resize(static_cast<std::size_t>(size - 8 - header_len));
-    read_exact(f.data_.data(), f.data_.size(), "data buffer");
+    f.data_size_ = static_cast<std::size_t>(size - 8 - header_len);
+    f.has_data_ = with_data;
+    if (with_data) {
+      f.data_.resize(f.data_size_);
+      read_exact(f.data_.data(), f.data_.size(), "data buffer");
+    }
     f.parse_header(header);
     return f;
   }
+
+  void require_data(std::string_view op) const {
+    if (!has_data_) {
+      throw IoError(tmoe::detail::message(op, detail::path_str(path_) +
+                                                  ": opened with read_header(); its tensor data was not read"));
+    }
+  }
+
+ public:
 
   /// The path the file was read from.
   [[nodiscard]] const std::filesystem::path& path() const noexcept { return path_; }
@@ -448,7 +472,7 @@ class SafetensorsFile {
   [[nodiscard]] std::size_t size() const noexcept { return infos_.size(); }
 
   /// Size of the data buffer in bytes.
-  [[nodiscard]] std::size_t data_size() const noexcept { return data_.size(); }
+  [[nodiscard]] std::size_t data_size() const noexcept { return data_size_; }
 
   /// Whether the file holds a tensor called `name`.
   [[nodiscard]] bool contains(std::string_view name) const { return infos_.find(name) != infos_.end(); }
@@ -466,6 +490,7 @@ class SafetensorsFile {
   /// The stored little-endian bytes of tensor `name`.
   [[nodiscard]] std::span<const std::byte> raw(std::string_view name) const {
     const TensorInfo& ti = info(name);
+    require_data("SafetensorsFile::raw");
     return {data_.data() + ti.begin, static_cast<std::size_t>(ti.end - ti.begin)};
   }
 
@@ -511,6 +536,7 @@ class SafetensorsFile {
   /// IoError unless stored elements of `ti` convert to T, value by value.
   template <class T>
   void check_convertible(std::string_view op, const TensorInfo& ti) const {
+    require_data(op);
     detail::visit_dtype(ti.dtype, [&]<class S>(std::type_identity<S>) {
       if constexpr (!detail::convertible_v<S, T>) {
         throw IoError(tmoe::detail::message(
@@ -627,9 +653,9 @@ class SafetensorsFile {
       cursor = ti->end;
       previous = ti;
     }
-    if (cursor != data_.size()) {
+    if (cursor != data_size_) {
       throw fail("invalid data offsets: the tensors cover " + std::to_string(cursor) +
-                 " bytes but the data buffer has " + std::to_string(data_.size()) + " (trailing bytes)");
+                 " bytes but the data buffer has " + std::to_string(data_size_) + " (trailing bytes)");
     }
   }
 
@@ -707,8 +733,8 @@ class SafetensorsFile {
                  ti.shape.to_string() + " of " + std::string(dtype_name(ti.dtype)) + " needs " +
                  std::to_string(nbytes));
     }
-    if (ti.end > data_.size()) {
-      throw fail(what + ": data offsets " + range + " exceed the data buffer of " + std::to_string(data_.size()) +
+    if (ti.end > data_size_) {
+      throw fail(what + ": data offsets " + range + " exceed the data buffer of " + std::to_string(data_size_) +
                  " bytes (truncated file?)");
     }
     return ti;
@@ -717,7 +743,9 @@ class SafetensorsFile {
   std::filesystem::path path_;
   std::map<std::string, TensorInfo, std::less<>> infos_;
   std::map<std::string, std::string> metadata_;
-  std::vector<std::byte> data_;
+  std::vector<std::byte> data_;  // empty when only the header was read
+  std::size_t data_size_ = 0;    // bytes after the header, from the file's size
+  bool has_data_ = false;
 };
 
 /// Collects tensors and metadata, then writes them as one safetensors file.

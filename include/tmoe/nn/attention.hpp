@@ -94,7 +94,7 @@ struct AttentionStepWork {
   LinearCache<Scalar, Device> proj;  // throwaway (inference keeps nothing for backward)
   Tensor<Scalar, Device> q, k, v;    // (B, C)
   Tensor<Scalar, Device> attn;       // (B, C)
-  Tensor<Scalar, Device> scores;     // (B * H, keys)
+  Tensor<Scalar, Device> scores;     // (B * H, cache capacity)
 };
 
 template <class Scalar, DeviceTag Device>
@@ -416,7 +416,7 @@ class MultiHeadAttention<Scalar, Cpu> {
     const std::int64_t C = options_.d_model, H = options_.heads, D = C / H;
     const std::int64_t B = kv.batch(), L = kv.capacity(), n = kv.length;
     w.attn.resize({B, C});
-    w.scores.resize({B * H, std::max<std::int64_t>(n, 1)});
+    w.scores.resize({B * H, L});  // one row per (b, h) at the cache's capacity: no reallocation as n grows
     const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(D));
     const Scalar* q = w.q.data();
     const Scalar* k = kv.k.data();
@@ -426,7 +426,7 @@ class MultiHeadAttention<Scalar, Cpu> {
     ctx.parallel(B * H, [&](std::int64_t bh) {
       const std::int64_t b = bh / H, h = bh % H;
       const Scalar* qr = q + b * C + h * D;
-      Scalar* s = scores + bh * std::max<std::int64_t>(n, 1);
+      Scalar* s = scores + bh * L;
       for (std::int64_t j = 0; j < n; ++j) {
         const Scalar* kr = k + (b * L + j) * C + h * D;
         Scalar acc = 0;

@@ -75,16 +75,19 @@ struct StepBlockArgs {
 };
 
 namespace impl {
-/// Copies rows `rows[i]` of a (B, ...) tensor into a (rows.size(), ...) one, in place of `t`.
+/// Copies rows `rows[i]` of a (B, ...) tensor into a (rows.size(), ...) one, in place of `t`; only the first
+/// `used` elements of each row when `used` >= 0 (a key/value cache's filled positions).
 template <class T>
-void select_rows(Tensor<T, Cpu>& t, const std::vector<std::int64_t>& rows, Tensor<T, Cpu>& scratch) {
+void select_rows(Tensor<T, Cpu>& t, const std::vector<std::int64_t>& rows, Tensor<T, Cpu>& scratch,
+                 std::int64_t used = -1) {
   if (t.rank() == 0 || t.numel() == 0) return;
   const std::int64_t B = t.dim(0), row = t.numel() / B, n = static_cast<std::int64_t>(rows.size());
+  const std::int64_t copy = used < 0 ? row : std::min(used, row);
   std::int64_t extents[4] = {n, 0, 0, 0};
   for (int d = 1; d < t.rank(); ++d) extents[d] = t.dim(d);
   scratch.resize(Shape::from_extents(extents, t.rank()));
   for (std::int64_t i = 0; i < n; ++i) {
-    std::copy_n(t.data() + rows[static_cast<std::size_t>(i)] * row, row, scratch.data() + i * row);
+    std::copy_n(t.data() + rows[static_cast<std::size_t>(i)] * row, copy, scratch.data() + i * row);
   }
   std::swap(t, scratch);
 }
@@ -376,8 +379,9 @@ class DecoderBlock {
 
   /// Keeps rows `rows` (in that order, repeats allowed) of the decoding state.
   void select_rows(StepState& st, const std::vector<std::int64_t>& rows, Tensor<Scalar, Cpu>& scratch) const {
-    impl::select_rows(st.self.k, rows, scratch);
-    impl::select_rows(st.self.v, rows, scratch);
+    const std::int64_t filled = st.self.length * st.self.k.dim(2);
+    impl::select_rows(st.self.k, rows, scratch, filled);
+    impl::select_rows(st.self.v, rows, scratch, filled);
     impl::select_rows(st.cross.k, rows, scratch);
     impl::select_rows(st.cross.v, rows, scratch);
     ffn_.select_rows(st.ffn, rows, scratch);

@@ -294,7 +294,9 @@ class Transformer<EncoderPattern, DecoderPattern, Scalar, Cpu> {
     std::int64_t max_steps = 0;  ///< positions reserved in the key/value caches
     Tensor<std::int32_t, Cpu> task_ids;  ///< (B)
     Tensor<std::int32_t, Cpu> active;    ///< (B, 1): 1 = still decoding; 0 = finished, its token is not routed
-    Cache encoder;                       ///< encoder caches; encoder.source_valid (B, S) masks cross-attention
+    Cache encoder;                       ///< encoder caches; encoder.source_valid (B, S) masks cross-attention.
+                                         ///< select_rows keeps only source_valid in step: the rest (memory
+                                         ///< included) still describes begin_decode's batch
     std::vector<typename DecDense::StepState> dense;
     std::vector<typename DecMoe::StepState> moe;
     // Workspaces.
@@ -396,7 +398,6 @@ class Transformer<EncoderPattern, DecoderPattern, Scalar, Cpu> {
     impl::select_rows(st.task_ids, rows, st.iscratch);
     impl::select_rows(st.active, rows, st.iscratch);
     impl::select_rows(st.encoder.source_valid, rows, st.iscratch);
-    impl::select_rows(st.encoder.memory, rows, st.scratch);
     for (std::size_t k = 0; k < dec_dense_.size(); ++k) dec_dense_[k].select_rows(st.dense[k], rows, st.scratch);
     for (std::size_t k = 0; k < dec_moe_.size(); ++k) dec_moe_[k].select_rows(st.moe[k], rows, st.scratch);
     st.batch = static_cast<std::int64_t>(rows.size());

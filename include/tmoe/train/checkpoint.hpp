@@ -48,7 +48,7 @@ void save_checkpoint(const std::filesystem::path& path, Model& model, Optimizer&
 template <class Model, class Optimizer>
 std::int64_t load_checkpoint(const std::filesystem::path& path, Model& model, Optimizer& optimizer) {
   using S = typename Model::scalar_type;
-  const auto file = io::SafetensorsFile::read(path);
+  const auto file = io::SafetensorsFile::read_header(path);  // io::load below reads the data, once
   const auto& meta = file.metadata();
   const std::string where = "load_checkpoint: " + path.string();
   const auto model_it = meta.find(kCheckpointModelKey);
