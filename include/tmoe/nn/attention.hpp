@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -428,10 +429,7 @@ class MultiHeadAttention<Scalar, Cpu> {
       const Scalar* qr = q + b * C + h * D;
       Scalar* s = scores + bh * L;
       for (std::int64_t j = 0; j < n; ++j) {
-        const Scalar* kr = k + (b * L + j) * C + h * D;
-        Scalar acc = 0;
-        for (std::int64_t d = 0; d < D; ++d) acc += qr[d] * kr[d];
-        s[j] = acc * scale;
+        s[j] = dot(qr, k + (b * L + j) * C + h * D, D) * scale;
       }
       masked_softmax_row(s, n, n, pad ? pad + b * L : nullptr);
       Scalar* o = attn + b * C + h * D;
@@ -444,6 +442,25 @@ class MultiHeadAttention<Scalar, Cpu> {
       }
     });
     o_proj_.forward(ctx, w.attn, y, w.proj);
+  }
+
+  // x . y over n elements: one cache line of lanes at a time (the GEMM kernel's vector type), lanes summed in a
+  // fixed order at the end, so it vectorizes without reassociation flags and stays deterministic.
+  static Scalar dot(const Scalar* x, const Scalar* y, std::int64_t n) {
+    using V = typename backend::cpu::detail::Lanes<Scalar>::type;
+    constexpr int kLanes = backend::cpu::detail::Lanes<Scalar>::kCount;
+    V acc{};
+    std::int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      V a, b;
+      std::memcpy(&a, x + i, sizeof(V));
+      std::memcpy(&b, y + i, sizeof(V));
+      acc += a * b;
+    }
+    Scalar sum = 0;
+    for (int l = 0; l < kLanes; ++l) sum += acc[l];
+    for (; i < n; ++i) sum += x[i] * y[i];
+    return sum;
   }
 
   // Softmax of s[0, n) in place over the keys j < limit with pad[j] != 0 (all when pad is null); the other

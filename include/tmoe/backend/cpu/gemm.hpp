@@ -82,10 +82,15 @@ inline void stream_block(S* c, std::int64_t ldc, const S* a, std::int64_t lda, c
   }
 }
 
-/// Rows [i, i + RB) of a against every row of b, two rows of b at a time.
+/// Rows [i, i + RB) of a against every row of b, four rows of b at a time (RB x 4 accumulators: each loaded lane
+/// of a feeds four FMAs and each lane of b feeds RB).
 template <int RB, class S>
 void stream_rows(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, std::int64_t i, S alpha, S beta) {
   std::int64_t j = 0;
+  for (; j + 4 <= b.rows; j += 4) {
+    stream_block<RB, 4>(c.data + i * c.ld + j, c.ld, a.data + i * a.ld, a.ld, b.data + j * b.ld, b.ld, a.cols, alpha,
+                        beta);
+  }
   for (; j + 2 <= b.rows; j += 2) {
     stream_block<RB, 2>(c.data + i * c.ld + j, c.ld, a.data + i * a.ld, a.ld, b.data + j * b.ld, b.ld, a.cols, alpha,
                         beta);

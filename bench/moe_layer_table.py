@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Turns moe_layer's JSON output (with --benchmark_repetitions=3 --benchmark_report_aggregates_only=true) into the
+tables of bench/RESULTS.md: every case's medians, and issue 2's targets.
+
+usage: bench/moe_layer_table.py moe_layer.json
+"""
+import json
+import sys
+
+
+def main(path):
+    data = json.load(open(path))
+    med = {}
+    for b in data["benchmarks"]:
+        if b.get("aggregate_name") != "median":
+            continue
+        med[b["run_name"].replace("/real_time", "")] = b
+    print("| case | time (us) | tokens/s | GFLOP/s | experts | weight MB | roofline (us) | fraction |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, b in med.items():
+        if "Ceiling" in name:
+            continue
+        t = b["real_time"] if b["time_unit"] == "us" else b["real_time"] / 1e3
+        ex = b.get("experts_touched")
+        print("| %s | %s | %s | %.1f | %s | %.1f | %s | %.2f |" % (
+            name, format(round(t), ","), format(round(b["tokens/s"]), ","), b["GFLOP/s"],
+            "" if ex is None else "%.0f" % ex, b["weight_MB"], format(round(b["roofline_us"]), ","),
+            b["roofline_frac"]))
+
+    def time(name):
+        b = med[name]
+        return b["real_time"] if b["time_unit"] == "us" else b["real_time"] / 1e3
+
+    dense = time("BM_Dense/d_ff:4096/tokens:4096")
+    task = time("BM_MoE_Task/E:32/tokens:4096")
+    token = time("BM_MoE_Token/E:32/tokens:4096")
+    experts = time("BM_Stage_TokenExperts/E:32/tokens:4096")
+    print("\ntask/dense %.3f, token/dense %.3f, overhead share %.3f" % (task / dense, token / dense,
+                                                                      (token - experts) / token))
+    print("\n| granularity | E | 1 token | 8 tokens | 64 tokens |\n|---|---:|---:|---:|---:|")
+    passed = total = 0
+    for g in ("Token", "Sentence", "Task"):
+        for e in (8, 32, 128):
+            cells = []
+            for n in (1, 8, 64):
+                f = med["BM_MoE_%s/E:%d/tokens:%d" % (g, e, n)]["roofline_frac"]
+                total += 1
+                passed += f >= 0.7
+                cells.append("%.2f%s" % (f, "" if f >= 0.7 else " **FAIL**"))
+            print("| %s | %d | %s |" % (g.lower(), e, " | ".join(cells)))
+    print("\n%d of %d small-batch cases reach 70%%" % (passed, total))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
