@@ -127,7 +127,9 @@ TEST_SUITE("decode") {
   }
 
   TEST_CASE("beam search with enough beams finds the best hypothesis of an exhaustive enumeration") {
-    // V = 6 and at most 3 tokens: 6 + 36 + 216 hypotheses, all within 64 beams' reach.
+    // V = 6 (EOS = 2) and at most 3 tokens: 1 + 5 + 25 hypotheses end in EOS and 125 have three tokens. 64 beams
+    // keep every live prefix, and the last step's 128 candidates hold the best of the hypotheses it ends (all of
+    // length 3 with EOS counted), so the search is exhaustive.
     CpuContext ctx(1);
     const std::int64_t V = 6, L = 3;
     nn::TokenTask<4> model(small(V));
