@@ -254,6 +254,29 @@ TEST_SUITE("moe_layer") {
     }
   }
 
+  TEST_CASE("task routing: an (N, C) input takes one task id per token, or one id for its single row") {
+    using Cfg = moe::Config<route::Task, Experts<5>, TopK<2>>;
+    CpuContext ctx{1};
+    moe::Layer<Cfg, double, Cpu> layer({.d_model = 12, .d_ff = 20, .num_tasks = 3});
+    layer.init(4);
+    Tensor<double, Cpu> x({6, 12}), y({6, 12});
+    test::fill_uniform<double>(x.view(), 9);
+    const std::vector<std::int32_t> ids = {0, 2, 0, 1, 2, 1};
+    Tensor<std::int32_t, Cpu> per_token = test::id_tensor(ids);
+    moe::Layer<Cfg, double, Cpu>::Cache cache;
+    layer.forward(ctx, {.x = x, .task_ids = per_token}, y, cache);
+    // Each token alone, with its own id as the id of its single row, gives the same output row.
+    for (std::int64_t n = 0; n < 6; ++n) {
+      Tensor<double, Cpu> xn({1, 12}), yn({1, 12});
+      std::copy_n(x.data() + n * 12, 12, xn.data());
+      Tensor<std::int32_t, Cpu> one = test::id_tensor({ids[static_cast<std::size_t>(n)]});
+      moe::Layer<Cfg, double, Cpu>::Cache c1;
+      layer.forward(ctx, {.x = xn, .task_ids = one}, yn, c1);
+      for (std::int64_t c = 0; c < 12; ++c) CHECK(y.data()[n * 12 + c] == doctest::Approx(yn.data()[c]).epsilon(1e-12));
+      CHECK(cache.plan.expert.data()[n * 2] == c1.plan.expert.data()[0]);
+    }
+  }
+
   TEST_CASE("task routing with a capacity limit takes the permuted path in training and still matches") {
     using Cfg = moe::Config<route::Task, Experts<4>, TopK<2>, CapacityFactor<2>>;
     auto o = options(MoeOptions::Route::kTask, 4, 2);

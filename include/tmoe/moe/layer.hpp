@@ -61,6 +61,29 @@ struct LayerOptions {
   std::int64_t group_size = 0;  ///< S: tokens per capacity/aux group; 0 = the whole call is one group
 };
 
+/// Checks a layer's sizes. @throws ShapeError for non-positive sizes, a negative group size or, for task routing,
+/// no tasks.
+inline void check_layer_options(const LayerOptions& options, bool task_routing) {
+  const char* op = "moe::Layer";
+  if (options.d_model <= 0 || options.d_ff <= 0) {
+    throw ShapeError(std::string(op) + ": d_model and d_ff must be positive, got d_model " +
+                     std::to_string(options.d_model) + " and d_ff " + std::to_string(options.d_ff));
+  }
+  if (task_routing && options.num_tasks <= 0) {
+    throw ShapeError(std::string(op) + ": task routing needs num_tasks >= 1, got " + std::to_string(options.num_tasks));
+  }
+  if (options.group_size < 0) {
+    throw ShapeError(std::string(op) + ": group_size must be >= 0 (0 = whole batch), got " +
+                     std::to_string(options.group_size));
+  }
+}
+
+/// Task ids of shape (B) for B rows are per row; any other accepted shape holds one id per token.
+template <DeviceTag Device>
+bool task_ids_per_token(const ConstTensorView<std::int32_t, Device>& task_ids, std::int64_t rows) noexcept {
+  return !(task_ids.rank() == 1 && task_ids.dim(0) == rows);
+}
+
 /// One call's input.
 template <class Scalar, DeviceTag Device>
 struct Input {
@@ -71,6 +94,10 @@ struct Input {
   /// tokens. Step-by-step decoding passes the mean of the layer's inputs over the prefix decoded so far (the
   /// sentence mean cannot be causal otherwise; paper-spec 1.3). A forward given it cannot be followed by backward.
   ConstTensorView<Scalar, Device> sentence_repr{};
+  /// Task routing on the GPU only: the same ids as task_ids, already on the host. The task path then reads nothing
+  /// back from the device (a small batch of one task runs without synchronizing). Every id here must be a valid
+  /// task, padding included. The CPU layer ignores it.
+  ConstTensorView<std::int32_t, Cpu> host_task_ids{};
 };
 
 /// One task's routing decision in a task-routed layer: its K experts (best first) and their combine weights.
@@ -137,19 +164,7 @@ class Layer<Config, Scalar, Cpu> {
 
   /// Allocates zero-filled parameters. @throws ShapeError for non-positive sizes or, for task routing, no tasks.
   explicit Layer(LayerOptions options) : options_(options) {
-    const char* op = "moe::Layer";
-    if (options.d_model <= 0 || options.d_ff <= 0) {
-      throw ShapeError(std::string(op) + ": d_model and d_ff must be positive, got d_model " +
-                       std::to_string(options.d_model) + " and d_ff " + std::to_string(options.d_ff));
-    }
-    if (kTask && options.num_tasks <= 0) {
-      throw ShapeError(std::string(op) + ": task routing needs num_tasks >= 1, got " +
-                       std::to_string(options.num_tasks));
-    }
-    if (options.group_size < 0) {
-      throw ShapeError(std::string(op) + ": group_size must be >= 0 (0 = whole batch), got " +
-                       std::to_string(options.group_size));
-    }
+    check_layer_options(options, kTask);
     const std::int64_t C = options.d_model, F = options.d_ff;
     gate_weight_ = nn::Parameter<Scalar, Cpu>({E, C});
     if constexpr (kTask) task_embedding_ = nn::Parameter<Scalar, Cpu>({options.num_tasks, C});
@@ -233,7 +248,7 @@ class Layer<Config, Scalar, Cpu> {
       cache.logits.resize({cache.gate_input.dim(0), E});
       Ops<Cpu>::gemm<Real>(ctx, cache.logits, cache.gate_input, Trans::kN, gate_weight_.value, Trans::kT);
     } else {
-      task_gate_rows(layout, in.task_ids.data(), in.task_ids.rank() == 2, options_.num_tasks, gate_row,
+      task_gate_rows(layout, in.task_ids.data(), task_ids_per_token(in.task_ids, layout.rows), options_.num_tasks, gate_row,
                      "moe::Layer::forward");
       cache.logits.resize({options_.num_tasks, E});
       Ops<Cpu>::gemm<Real>(ctx, cache.logits, task_embedding_.value, Trans::kN, gate_weight_.value, Trans::kT);

@@ -3,6 +3,11 @@
 /// @brief Private. Eigen row-major maps over raw pointers with a leading dimension: no copies, and Eigen
 /// never leaks into the public API.
 
+// In a .cu file Eigen serves only the host-side CPU back-end; without this it would annotate its own functions for the
+// device, and nvcc would warn about them.
+#if defined(__CUDACC__) && !defined(EIGEN_NO_CUDA)
+#define EIGEN_NO_CUDA
+#endif
 #include <Eigen/Core>
 #include <cstdint>
 

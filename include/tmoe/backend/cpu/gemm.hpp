@@ -15,12 +15,10 @@
 #include "tmoe/backend/cpu/context.hpp"
 #include "tmoe/backend/cpu/eigen_map.hpp"
 #include "tmoe/core/error.hpp"
+#include "tmoe/core/gemm_shape.hpp"
 #include "tmoe/core/tensor_view.hpp"
 
 namespace tmoe {
-
-/// Whether a GEMM operand is used as stored or transposed.
-enum class Trans { kN, kT };
 
 namespace backend::cpu {
 
@@ -195,20 +193,8 @@ void gemm_parallel(CpuContext& ctx, MatrixRef<S> c, MatrixRef<const S> a, Trans 
 template <class S>
 void gemm(CpuContext& ctx, TensorView<S, Cpu> c, ConstTensorView<S, Cpu> a, Trans ta, ConstTensorView<S, Cpu> b,
           Trans tb, S alpha = S(1), S beta = S(0)) {
-  if (a.rank() != 2 || b.rank() != 2 || c.rank() != 2) {
-    throw ShapeError("gemm: expected rank-2 operands, got a " + a.shape().to_string() + ", b " +
-                     b.shape().to_string() + ", c " + c.shape().to_string());
-  }
-  const std::int64_t m = ta == Trans::kN ? a.dim(0) : a.dim(1);
-  const std::int64_t ka = ta == Trans::kN ? a.dim(1) : a.dim(0);
-  const std::int64_t kb = tb == Trans::kN ? b.dim(0) : b.dim(1);
-  const std::int64_t n = tb == Trans::kN ? b.dim(1) : b.dim(0);
-  if (ka != kb || c.dim(0) != m || c.dim(1) != n) {
-    throw ShapeError("gemm: op(a) is [" + std::to_string(m) + ", " + std::to_string(ka) + "] and op(b) is [" +
-                     std::to_string(kb) + ", " + std::to_string(n) + "], so c must be [" + std::to_string(m) +
-                     ", " + std::to_string(n) + "] with equal inner extents; got c " + c.shape().to_string());
-  }
-  gemm_parallel<S>(ctx, {c.data(), m, n, n}, {a.data(), a.dim(0), a.dim(1), a.dim(1)}, ta,
+  const GemmExtents e = gemm_extents<S, Cpu>(c, a, ta, b, tb);
+  gemm_parallel<S>(ctx, {c.data(), e.m, e.n, e.n}, {a.data(), a.dim(0), a.dim(1), a.dim(1)}, ta,
                    {b.data(), b.dim(0), b.dim(1), b.dim(1)}, tb, alpha, beta);
 }
 
