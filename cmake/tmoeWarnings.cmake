@@ -5,4 +5,7 @@ include_guard(GLOBAL)
 
 add_library(tmoe_warnings INTERFACE)
 target_compile_options(tmoe_warnings INTERFACE
-  $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic -Werror>)
+  $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic -Werror>
+  # nvcc: its own diagnostics are errors, and the host compiler sees -Wall -Wextra (-Wpedantic would flag the
+  # line markers nvcc writes into its generated host code, not ours).
+  $<$<COMPILE_LANGUAGE:CUDA>:-Werror=all-warnings -Xcompiler=-Wall,-Wextra,-Werror>)

@@ -58,3 +58,16 @@ tmoe_ensure_python_packages() {
     python3 -c "import ${mod}" || { tmoe_log "Python package ${mod} is still not importable"; return 1; }
   done
 }
+
+# The CUDA toolkit is optional. When nvcc is installed but not on PATH (the toolkit's default /usr/local/cuda), point
+# CMake at it, so the release build compiles the CUDA tests and benchmarks (they run only on a GPU machine).
+tmoe_find_nvcc() {
+  if [[ -z ${CUDACXX:-} ]] && ! command -v nvcc >/dev/null 2>&1 && [[ -x /usr/local/cuda/bin/nvcc ]]; then
+    export CUDACXX=/usr/local/cuda/bin/nvcc
+  fi
+  if [[ -n ${CUDACXX:-} ]] || command -v nvcc >/dev/null 2>&1; then
+    tmoe_log "CUDA: $("${CUDACXX:-nvcc}" --version | tail -n 2 | head -n 1)"
+  else
+    tmoe_log "CUDA: no nvcc found; the CUDA tests and benchmarks are not built"
+  fi
+}
