@@ -51,6 +51,9 @@
 #include "tmoe/io/model_file.hpp"
 
 #include "tmoe/decode/search.hpp"
+#include "tmoe/eval/bleu.hpp"
+#include "tmoe/eval/chrf.hpp"
+#include "tmoe/eval/text.hpp"
 #include "tmoe/extract/expert_usage.hpp"
 #include "tmoe/extract/subnetwork.hpp"
 
