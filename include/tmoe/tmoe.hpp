@@ -50,6 +50,9 @@
 #include "tmoe/io/model_config.hpp"
 #include "tmoe/io/model_file.hpp"
 
+#include "tmoe/data/batching.hpp"
+#include "tmoe/data/corpus.hpp"
+#include "tmoe/data/synthetic.hpp"
 #include "tmoe/decode/search.hpp"
 #include "tmoe/eval/bleu.hpp"
 #include "tmoe/eval/chrf.hpp"

@@ -2,7 +2,6 @@
 // and prints, per case, tmoe's corpus BLEU, corpus chrF and the 13a tokenization of every hypothesis, as JSON.
 #include <fstream>
 #include <iostream>
-
 #include <nlohmann/json.hpp>
 
 #include "tmoe/eval/bleu.hpp"

@@ -111,7 +111,7 @@ inline std::string tokenize_13a(std::string_view text) {
 /// A BLEU score and its sufficient statistics.
 struct BleuScore {
   static constexpr int kOrder = 4;
-  double score = 0;                       ///< in [0, 100]
+  double score = 0;                         ///< in [0, 100]
   std::array<double, kOrder> precisions{};  ///< per order, in percent (smoothed where no n-gram matched)
   double brevity_penalty = 0;
   std::int64_t sys_len = 0, ref_len = 0;
@@ -193,8 +193,8 @@ inline BleuScore corpus_bleu(const std::vector<std::string>& hypotheses,
   }
   s.brevity_penalty = 1.0;
   if (s.sys_len < s.ref_len) {
-    s.brevity_penalty = s.sys_len > 0 ? std::exp(1.0 - static_cast<double>(s.ref_len) / static_cast<double>(s.sys_len))
-                                      : 0.0;
+    s.brevity_penalty =
+        s.sys_len > 0 ? std::exp(1.0 - static_cast<double>(s.ref_len) / static_cast<double>(s.sys_len)) : 0.0;
   }
   bool any = false;
   for (auto c : s.correct) any = any || c > 0;
