@@ -6,7 +6,7 @@
 
 # Debian packages for building and testing tmoe.
 TMOE_DEBIAN_PACKAGES=(cmake ninja-build g++ clang libeigen3-dev doctest-dev nlohmann-json3-dev libbenchmark-dev
-                      python3 python3-pip)
+                      libsentencepiece-dev python3 python3-pip)
 
 tmoe_log() { printf '==> %s\n' "$*" >&2; }
 
