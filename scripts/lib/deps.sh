@@ -1,8 +1,8 @@
 # shellcheck shell=bash
 # Installs what tmoe's scripts need on Debian 12, sourced by scripts/test and scripts/demo.
 #   tmoe_ensure_debian_packages   the compilers, CMake, Ninja and the C++ dependencies (apt-get, only if missing)
-#   tmoe_ensure_python_packages   numpy, safetensors and sacrebleu for the Python cross-checks (pip, only if not
-#                                 importable)
+#   tmoe_ensure_python_packages [MODULE...]   Python packages (pip, only if not importable); by default numpy,
+#                                 safetensors and sacrebleu for the Python cross-checks
 
 # Debian packages for building and testing tmoe.
 TMOE_DEBIAN_PACKAGES=(cmake ninja-build g++ clang libeigen3-dev doctest-dev nlohmann-json3-dev libbenchmark-dev
@@ -40,7 +40,8 @@ tmoe_ensure_debian_packages() {
 }
 
 tmoe_ensure_python_packages() {
-  local modules=(numpy safetensors sacrebleu) missing=() mod
+  local modules=("$@") missing=() mod
+  if (($# == 0)); then modules=(numpy safetensors sacrebleu); fi
   for mod in "${modules[@]}"; do
     python3 -c "import ${mod}" >/dev/null 2>&1 || missing+=("$mod")
   done
