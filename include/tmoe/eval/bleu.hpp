@@ -151,14 +151,7 @@ inline int ngram_order(const std::string& key) { return key[0] - '0'; }
 /// @throws ShapeError if no reference stream is given or a stream's length differs from the hypotheses'.
 inline BleuScore corpus_bleu(const std::vector<std::string>& hypotheses,
                              const std::vector<std::vector<std::string>>& references) {
-  if (references.empty()) throw ShapeError("corpus_bleu: at least one reference stream is needed, got none");
-  for (std::size_t r = 0; r < references.size(); ++r) {
-    if (references[r].size() != hypotheses.size()) {
-      throw ShapeError("corpus_bleu: reference stream " + std::to_string(r) + " has " +
-                       std::to_string(references[r].size()) + " lines, but there are " +
-                       std::to_string(hypotheses.size()) + " hypotheses");
-    }
-  }
+  check_reference_streams("corpus_bleu", hypotheses, references);
   BleuScore s;
   for (std::size_t i = 0; i < hypotheses.size(); ++i) {
     // Reference n-gram counts: the maximum over the references; the reference length closest to the hypothesis'.

@@ -84,14 +84,7 @@ inline double chrf_from_stats(const ChrfStats& s) {
 /// @throws ShapeError if no reference stream is given or a stream's length differs from the hypotheses'.
 inline double corpus_chrf(const std::vector<std::string>& hypotheses,
                           const std::vector<std::vector<std::string>>& references) {
-  if (references.empty()) throw ShapeError("corpus_chrf: at least one reference stream is needed, got none");
-  for (std::size_t r = 0; r < references.size(); ++r) {
-    if (references[r].size() != hypotheses.size()) {
-      throw ShapeError("corpus_chrf: reference stream " + std::to_string(r) + " has " +
-                       std::to_string(references[r].size()) + " lines, but there are " +
-                       std::to_string(hypotheses.size()) + " hypotheses");
-    }
-  }
+  check_reference_streams("corpus_chrf", hypotheses, references);
   detail::ChrfStats total{};
   for (std::size_t i = 0; i < hypotheses.size(); ++i) {
     const auto hyp = detail::char_ngrams(hypotheses[i]);

@@ -8,6 +8,8 @@
 #include <string_view>
 #include <vector>
 
+#include "tmoe/core/error.hpp"
+
 namespace tmoe::eval {
 
 /// Code points of a UTF-8 string. A malformed sequence becomes U+FFFD, so any byte string can be scored (valid UTF-8,
@@ -102,6 +104,20 @@ inline std::u32string_view rstrip(std::u32string_view s) noexcept {
   std::size_t n = s.size();
   while (n > 0 && is_space(s[n - 1])) --n;
   return s.substr(0, n);
+}
+
+/// Checks a metric's inputs: at least one reference stream, each as long as the hypotheses.
+/// @throws ShapeError naming `op` and the stream that differs.
+inline void check_reference_streams(std::string_view op, const std::vector<std::string>& hypotheses,
+                                    const std::vector<std::vector<std::string>>& references) {
+  if (references.empty()) throw ShapeError(std::string(op) + ": at least one reference stream is needed, got none");
+  for (std::size_t r = 0; r < references.size(); ++r) {
+    if (references[r].size() != hypotheses.size()) {
+      throw ShapeError(std::string(op) + ": reference stream " + std::to_string(r) + " has " +
+                       std::to_string(references[r].size()) + " lines, but there are " +
+                       std::to_string(hypotheses.size()) + " hypotheses");
+    }
+  }
 }
 
 }  // namespace tmoe::eval

@@ -17,19 +17,25 @@
 
 namespace tmoe::backend::cuda {
 
-/// "cudaMalloc(...) failed at file:line: cudaErrorMemoryAllocation (out of memory)".
-inline std::string cuda_failure(const char* call, const char* file, int line, cudaError_t status) {
+/// "call failed at file:line: what", e.g. "cudaMalloc(...) failed at x.cuh:12: cudaErrorMemoryAllocation (out of
+/// memory)".
+inline std::string call_failure(const char* call, const char* file, int line, const std::string& what) {
   std::string m(call);
   m += " failed at ";
   m += file;
   m += ":";
   m += std::to_string(line);
   m += ": ";
-  m += cudaGetErrorName(status);
-  m += " (";
-  m += cudaGetErrorString(status);
-  m += ")";
+  m += what;
   return m;
+}
+
+inline std::string cuda_failure(const char* call, const char* file, int line, cudaError_t status) {
+  std::string what = cudaGetErrorName(status);
+  what += " (";
+  what += cudaGetErrorString(status);
+  what += ")";
+  return call_failure(call, file, line, what);
 }
 
 inline void check_cuda(cudaError_t status, const char* call, const char* file, int line) {
@@ -67,15 +73,7 @@ inline const char* cublas_status_name(cublasStatus_t s) noexcept {
 }
 
 inline void check_cublas(cublasStatus_t status, const char* call, const char* file, int line) {
-  if (status == CUBLAS_STATUS_SUCCESS) return;
-  std::string m(call);
-  m += " failed at ";
-  m += file;
-  m += ":";
-  m += std::to_string(line);
-  m += ": ";
-  m += cublas_status_name(status);
-  throw DeviceError(m);
+  if (status != CUBLAS_STATUS_SUCCESS) throw DeviceError(call_failure(call, file, line, cublas_status_name(status)));
 }
 
 }  // namespace tmoe::backend::cuda
