@@ -6,6 +6,10 @@
 //
 //   multilingual [--corpus DIR --tasks spa_Latn,ita_Latn,...] [--steps N] [--d-model C] [--d-ff F] [--layers L]
 //                [--heads H] [--max-tokens N] [--seed S] [--out DIR] [--models dense,token,...] [--threads T]
+//                [--append]
+//
+// Long runs can be split: `--models dense` now and `--append --models task` later, with the same data flags and
+// --out, give one table (rows of the same model are replaced). The table files are rewritten after each model.
 //
 // Outputs in --out: results.csv, results.md (the table), curves.csv (validation loss by step), usage_decoder.csv
 // (the token/token model's decoder routing by task), the tokenizer, and (if Python with matplotlib is there) PNGs
@@ -40,6 +44,7 @@ struct Flags {
   std::int64_t eval_every = 50, test_limit = 0;
   std::uint64_t seed = 1;
   int threads = 2;
+  bool append = false;  // keep the other models' rows of an earlier run in the same --out
   std::string out = "multilingual-out";
   std::vector<std::string> models = {"dense", "token", "sentence", "task", "token-task", "student"};
 };
@@ -101,10 +106,13 @@ Flags parse(int argc, char** argv) {
       f.out = value(i);
     else if (a == "--models")
       f.models = split_list(value(i));
+    else if (a == "--append")
+      f.append = true;
     else if (a == "--help" || a == "-h") {
       std::printf(
           "usage: multilingual [--corpus DIR --tasks a,b,...] [--steps N] [--d-model C] [--d-ff F] "
-          "[--layers L] [--heads H] [--max-tokens N] [--seed S] [--out DIR] [--models m,...] [--threads T]\n"
+          "[--layers L] [--heads H] [--max-tokens N] [--seed S] [--out DIR] [--models m,...] [--threads T] "
+          "[--append]\n"
           "models: dense token sentence task token-task student\n");
       std::exit(0);
     } else {
@@ -397,43 +405,106 @@ Row run(CpuContext& ctx, const std::string& name, Model& model, const Flags& f, 
   return row;
 }
 
-void write_table(const Flags& f, const Data& d, const std::vector<Row>& rows) {
-  std::ofstream csv(fs::path(f.out) / "results.csv"), md(fs::path(f.out) / "results.md");
-  csv << "model";
-  md << "| model |";
-  for (const auto& t : d.tasks) {
-    csv << ",bleu_" << t;
-    md << " BLEU " << t << " |";
-  }
-  csv << ",bleu_avg,chrf,params_total,params_effective,decode_tok_per_s,train_s,note\n";
-  md << " avg | chrF | params | effective | decode tok/s | note |\n|---|";
-  for (std::size_t i = 0; i < d.tasks.size() + 6; ++i) md << "---:|";
-  md << '\n';
-  std::printf("\n%-22s", "model");
-  for (const auto& t : d.tasks) std::printf(" %9s", t.substr(0, 9).c_str());
-  std::printf(" %7s %7s %10s %10s %10s\n", "avg", "chrF", "params", "effective", "tok/s");
-  for (const auto& r : rows) {
-    csv << r.name;
-    md << "| " << r.name << " |";
-    std::printf("%-22s", r.name.c_str());
-    for (double b : r.bleu) {
-      csv << ',' << b;
-      char cell[32];
-      std::snprintf(cell, sizeof cell, " %.2f |", b);
-      md << cell;
-      std::printf(" %9.2f", b);
+/// The results table: rows replace earlier rows of the same model; the CSV and Markdown files are rewritten after
+/// every model, so a long run keeps what it finished. With --append, an earlier run's rows in --out are kept.
+class Results {
+ public:
+  Results(const Flags& f, const std::vector<std::string>& tasks) : dir_(f.out), tasks_(tasks) {
+    const auto path = dir_ / "results.csv";
+    if (!f.append || !fs::exists(path)) return;
+    std::ifstream in(path);
+    std::string line;
+    std::getline(in, line);
+    if (line != header()) {
+      throw Error(path.string() + " was written for other tasks or by another version (header '" + line +
+                  "'); expected '" + header() + "'");
     }
-    char tail[256];
-    std::snprintf(tail, sizeof tail, " %.2f | %.2f | %lld | %lld | %.0f | %s |", r.average, r.chrf,
-                  static_cast<long long>(r.total), static_cast<long long>(r.effective), r.tokens_per_second,
-                  r.note.c_str());
-    md << tail << '\n';
-    csv << ',' << r.average << ',' << r.chrf << ',' << r.total << ',' << r.effective << ',' << r.tokens_per_second
-        << ',' << r.train_seconds << ',' << r.note << '\n';
-    std::printf(" %7.2f %7.2f %10lld %10lld %10.0f  %s\n", r.average, r.chrf, static_cast<long long>(r.total),
-                static_cast<long long>(r.effective), r.tokens_per_second, r.note.c_str());
+    while (std::getline(in, line)) {
+      std::vector<std::string> cells;
+      std::stringstream cs(line);
+      for (std::string c; std::getline(cs, c, ',');) cells.push_back(c);
+      if (cells.size() < tasks_.size() + 7) throw Error(path.string() + ": short row '" + line + "'");
+      Row r;
+      std::size_t k = 0;
+      r.name = cells[k++];
+      for (std::size_t t = 0; t < tasks_.size(); ++t) r.bleu.push_back(std::stod(cells[k++]));
+      r.average = std::stod(cells[k++]);
+      r.chrf = std::stod(cells[k++]);
+      r.total = std::stoll(cells[k++]);
+      r.effective = std::stoll(cells[k++]);
+      r.tokens_per_second = std::stod(cells[k++]);
+      r.train_seconds = std::stod(cells[k++]);
+      r.note = k < cells.size() ? cells[k] : "";
+      rows_.push_back(r);
+    }
   }
-}
+
+  void add(const Row& row) {
+    const auto it = std::find_if(rows_.begin(), rows_.end(), [&](const Row& r) { return r.name == row.name; });
+    if (it != rows_.end())
+      *it = row;
+    else
+      rows_.push_back(row);
+    write();
+  }
+
+  [[nodiscard]] const Row* find(const std::string& name) const {
+    for (const auto& r : rows_) {
+      if (r.name == name) return &r;
+    }
+    return nullptr;
+  }
+
+  void print() const {
+    std::printf("\n%-22s", "model");
+    for (const auto& t : tasks_) std::printf(" %9s", t.substr(0, 9).c_str());
+    std::printf(" %7s %7s %10s %10s %10s\n", "avg", "chrF", "params", "effective", "tok/s");
+    for (const auto& r : rows_) {
+      std::printf("%-22s", r.name.c_str());
+      for (double b : r.bleu) std::printf(" %9.2f", b);
+      std::printf(" %7.2f %7.2f %10lld %10lld %10.0f  %s\n", r.average, r.chrf, static_cast<long long>(r.total),
+                  static_cast<long long>(r.effective), r.tokens_per_second, r.note.c_str());
+    }
+  }
+
+ private:
+  [[nodiscard]] std::string header() const {
+    std::string h = "model";
+    for (const auto& t : tasks_) h += ",bleu_" + t;
+    return h + ",bleu_avg,chrf,params_total,params_effective,decode_tok_per_s,train_s,note";
+  }
+
+  void write() const {
+    std::ofstream csv(dir_ / "results.csv"), md(dir_ / "results.md");
+    csv << header() << '\n';
+    md << "| model |";
+    for (const auto& t : tasks_) md << " BLEU " << t << " |";
+    md << " avg | chrF | params | effective | decode tok/s | note |\n|---|";
+    for (std::size_t i = 0; i < tasks_.size() + 6; ++i) md << "---:|";
+    md << '\n';
+    for (const auto& r : rows_) {
+      csv << r.name;
+      md << "| " << r.name << " |";
+      for (double b : r.bleu) {
+        csv << ',' << b;
+        char cell[32];
+        std::snprintf(cell, sizeof cell, " %.2f |", b);
+        md << cell;
+      }
+      char tail[256];
+      std::snprintf(tail, sizeof tail, " %.2f | %.2f | %lld | %lld | %.0f | %s |", r.average, r.chrf,
+                    static_cast<long long>(r.total), static_cast<long long>(r.effective), r.tokens_per_second,
+                    r.note.c_str());
+      md << tail << '\n';
+      csv << ',' << r.average << ',' << r.chrf << ',' << r.total << ',' << r.effective << ',' << r.tokens_per_second
+          << ',' << r.train_seconds << ',' << r.note << '\n';
+    }
+  }
+
+  fs::path dir_;
+  std::vector<std::string> tasks_;
+  std::vector<Row> rows_;
+};
 
 }  // namespace
 
@@ -451,22 +522,24 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
     const auto cfg = config_for(f, d);
     const auto dev = dev_batches(d);
-    std::ofstream curves(fs::path(f.out) / "curves.csv");
-    curves << "model,step,train_loss,val_loss\n";
+    const auto curves_path = fs::path(f.out) / "curves.csv";
+    const bool curves_exist = f.append && fs::exists(curves_path);
+    std::ofstream curves(curves_path, curves_exist ? std::ios::app : std::ios::trunc);
+    if (!curves_exist) curves << "model,step,train_loss,val_loss\n";
     const auto wanted = [&](const std::string& m) {
       return std::find(f.models.begin(), f.models.end(), m) != f.models.end();
     };
-    std::vector<Row> rows;
+    Results rows(f, d.tasks);
 
     if (wanted("dense")) {
       nn::DenseTransformer<> m(cfg);
       m.init(f.seed);
-      rows.push_back(run(ctx, "dense", m, f, d, dev, curves));
+      rows.add(run(ctx, "dense", m, f, d, dev, curves));
     }
     if (wanted("token") || wanted("student")) {
       nn::TokenToken<kExperts> teacher(cfg);
       teacher.init(f.seed);
-      rows.push_back(run(ctx, "token/token", teacher, f, d, dev, curves));
+      rows.add(run(ctx, "token/token", teacher, f, d, dev, curves));
       // The paper's gating analysis: the fraction of each task's decoder tokens routed to each expert.
       std::vector<BatchTensors> usage_batches;
       for (std::size_t t = 0; t < d.test.size(); ++t) {
@@ -500,23 +573,23 @@ int main(int argc, char** argv) {
         row.effective = row.total;
         row.note = "distilled from token/token";
         score(row, d, translate(ctx, student, d, row.tokens_per_second));
-        rows.push_back(row);
+        rows.add(row);
       }
     }
     if (wanted("sentence")) {
       nn::SentenceSentence<kExperts> m(cfg);
       m.init(f.seed);
-      rows.push_back(run(ctx, "sentence/sentence", m, f, d, dev, curves));
+      rows.add(run(ctx, "sentence/sentence", m, f, d, dev, curves));
     }
     if (wanted("task")) {
       nn::TaskTask<kExperts> m(cfg);
       m.init(f.seed);
-      rows.push_back(run(ctx, "task/task", m, f, d, dev, curves));
+      rows.add(run(ctx, "task/task", m, f, d, dev, curves));
     }
     if (wanted("token-task")) {
       nn::TokenTask<kExperts> m(cfg);
       m.init(f.seed);
-      rows.push_back(run(ctx, "token/task", m, f, d, dev, curves));
+      rows.add(run(ctx, "token/task", m, f, d, dev, curves));
       const auto full_ids = [&] {
         double unused = 0;
         return translate(ctx, m, d, unused);
@@ -546,18 +619,12 @@ int main(int argc, char** argv) {
       sub.tokens_per_second = tokens / seconds;
       sub.note = identical ? "same translations as the full model" : "translations DIFFER from the full model";
       score(sub, d, ids);
-      rows.push_back(sub);
+      rows.add(sub);
     }
-    write_table(f, d, rows);
+    rows.print();
     // The share of the MoE-over-dense gain the student keeps (paper-spec 1.11), both ways.
-    const auto find = [&](const std::string& n) -> const Row* {
-      for (const auto& r : rows) {
-        if (r.name == n) return &r;
-      }
-      return nullptr;
-    };
-    const Row *dense = find("dense"), *teacher = find("token/token"), *student = find("student (dense)"),
-              *tt = find("token/task");
+    const Row *dense = rows.find("dense"), *teacher = rows.find("token/token"), *student = rows.find("student (dense)"),
+              *tt = rows.find("token/task");
     const auto share = [&](const Row* moe) {
       const double gain = moe->average - dense->average;
       return gain > 0 ? std::to_string(100.0 * (student->average - dense->average) / gain).substr(0, 5) + "%"
