@@ -261,12 +261,13 @@ std::int64_t effective_parameters(const nn::TransformerConfig& c) {
 
 double validation_loss(CpuContext& ctx, auto& model, const std::vector<BatchTensors>& dev) {
   typename std::remove_cvref_t<decltype(model)>::Cache cache;
+  Tensor<float, Cpu> dl;
   double sum = 0;
   std::int64_t count = 0;
   for (const auto& b : dev) {
     model.forward(ctx, b.batch(), cache);
     const std::int64_t N = b.target_out.numel(), V = model.config().vocab_size;
-    Tensor<float, Cpu> dl({N, V});
+    dl.resize({N, V});
     const auto l = train::label_smoothed_cross_entropy<float>(ctx, dl, cache.logits.view().reshape({N, V}),
                                                               b.target_out.view().reshape({N}),
                                                               {.padding_id = data::Tokenizer::kPad});
@@ -292,6 +293,7 @@ double train_model(CpuContext& ctx, const std::string& name, Model& model, const
   const train::InverseSqrtSchedule schedule(2e-3, std::max<std::int64_t>(1, f.steps / 10));
   typename Model::Cache cache;
   typename Teacher::Cache teacher_cache;
+  Tensor<float, Cpu> dlogits, teacher_probs;  // reused across steps: resize reallocates only when N * V changes
   const auto start = Clock::now();
   std::int64_t tokens = 0;
   double loss_window = 0;
@@ -300,13 +302,13 @@ double train_model(CpuContext& ctx, const std::string& name, Model& model, const
     const auto b = make_batch(d.train, batcher.next());
     model.forward(ctx, b.batch(), cache, {.training = true, .seed = f.seed, .step = static_cast<std::uint64_t>(step)});
     const std::int64_t N = b.target_out.numel(), V = model.config().vocab_size;
-    Tensor<float, Cpu> dlogits({N, V});
+    dlogits.resize({N, V});
     double loss = 0;
     if (teacher != nullptr) {
       // Word-level distillation: the teacher's next-token distribution (softmax of its logits, temperature 1) at
       // every target position.
       teacher->forward(ctx, b.batch(), teacher_cache);
-      Tensor<float, Cpu> teacher_probs({N, V});
+      teacher_probs.resize({N, V});
       Ops<Cpu>::softmax<float>(ctx, teacher_probs, teacher_cache.logits.view().reshape({N, V}));
       const auto r = train::distillation_loss<float>(
           ctx, dlogits, cache.logits.view().reshape({N, V}), teacher_probs, b.target_out.view().reshape({N}),
