@@ -31,4 +31,5 @@
 #include "tmoe/backend/cuda/storage.cuh"
 #include "tmoe/backend/cuda/top_k.cuh"
 #include "tmoe/moe/cuda_layer.cuh"
+#include "tmoe/train/cuda_adamw.cuh"
 #include "tmoe/tmoe.hpp"

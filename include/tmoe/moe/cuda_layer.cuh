@@ -22,7 +22,13 @@
 /// padded layout (expert e's block of G*C rows starts at e*G*C); at inference the task path fills plan.expert,
 /// plan.gate and plan.dispatched only (no permutation runs); aux and z losses are computed when training. Segment ids
 /// are not read back for validation, so on the GPU a negative segment id counts as a sequence id, not an error.
-/// Backward on the GPU is not written yet.
+///
+/// Backward (float and double, as on the CPU) follows the forward path the cache records: through the combine (a warp
+/// per expert row), the expert GEMMs (strided-batched with a capacity limit; per expert when dropless, after the same
+/// one synchronization; per task range on the task path, after one synchronization for the routes), the inverse
+/// permutation, and the router (normalization, aux loss, softmax, z-loss: one block per gate row, its tokens in token
+/// order, no atomics). It needs a forward pass with training = true: the few-rows kernels, which leave the hidden rows
+/// of unused experts unwritten, run only at inference.
 
 #include <cuda_runtime.h>
 
@@ -39,6 +45,7 @@
 #include "tmoe/backend/cuda/copy.cuh"
 #include "tmoe/backend/cuda/gather_scatter.cuh"
 #include "tmoe/backend/cuda/gemm.cuh"
+#include "tmoe/backend/cuda/moe_backward.cuh"
 #include "tmoe/backend/cuda/moe_dispatch.cuh"
 #include "tmoe/backend/cuda/moe_experts.cuh"
 #include "tmoe/backend/cuda/moe_route.cuh"
@@ -168,6 +175,17 @@ class Layer<Config, Scalar, Cuda> {
     return out;
   }
 
+  /// Values and gradients (device views) under the same names, for optimizers.
+  [[nodiscard]] nn::ParameterRefs<Scalar, Cuda> parameter_refs(const std::string& prefix = "") {
+    const std::string p = prefix.empty() ? "" : prefix + ".";
+    nn::ParameterRefs<Scalar, Cuda> out;
+    out.push_back({p + "gate.weight", gate_weight_.value.view(), gate_weight_.grad.view()});
+    if constexpr (kTask) out.push_back({p + "task_embedding", task_embedding_.value.view(), task_embedding_.grad.view()});
+    out.push_back({p + "experts.wi", wi_.value.view(), wi_.grad.view()});
+    out.push_back({p + "experts.wo", wo_.value.view(), wo_.grad.view()});
+    return out;
+  }
+
   [[nodiscard]] TensorView<Scalar, Cuda> gate_weight() noexcept { return gate_weight_.value.view(); }
   [[nodiscard]] TensorView<Scalar, Cuda> task_embedding() noexcept requires kTask {
     return task_embedding_.value.view();
@@ -198,7 +216,7 @@ class Layer<Config, Scalar, Cuda> {
     if constexpr (kTask) {
       const bool task_path = Config::dropless && (K == 1 || !Config::second_expert_type::random);
       if (task_path || !args.training) {
-        forward_task_ranges(ctx, in, lay, out, cache);
+        forward_task_ranges(ctx, in, lay, out, cache, args.training);
         return;
       }
       task_gate_rows(ctx, in, lay, cache);
@@ -253,6 +271,45 @@ class Layer<Config, Scalar, Cuda> {
     }
     std::vector<TaskRoute<Real, K>> routes = task_routes(ctx);
     return routes[static_cast<std::size_t>(task)];
+  }
+
+  /// The layer's auxiliary training loss, aux coefficient * aux loss + z coefficient * z-loss, on the host (waits for
+  /// the stream). Zero unless forward ran with training = true.
+  [[nodiscard]] static double aux_loss(CudaContext& ctx, const Cache& cache) {
+    if (!cache.plan.has_losses) return 0.0;
+    const Tensor<double, Cpu> l = tmoe::to_host(ctx, cache.plan.losses);
+    return Config::aux_loss_coefficient * l.data()[0] + Config::z_loss_coefficient * l.data()[1];
+  }
+
+  /// Backward of forward() plus the gradient of aux_loss(), as the CPU layer's backward: dx (x's shape) is
+  /// OVERWRITTEN; the gate weight, task embedding and expert gradients ACCUMULATE. Float and double only.
+  /// @throws ShapeError for mismatched shapes; Error if forward did not run with training = true, or routed by
+  ///         Input::sentence_repr; DeviceError if CUDA fails.
+  void backward(CudaContext& ctx, Cache& cache, ConstTensorView<Scalar, Cuda> dout, TensorView<Scalar, Cuda> dx)
+    requires(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>)
+  {
+    const std::string op = "moe::Layer<Cuda>::backward";
+    if (!(dout.shape() == cache.x.shape()) || !(dx.shape() == cache.x.shape())) {
+      throw ShapeError(op + ": dout and dx must have the forward input's shape " + cache.x.shape().to_string() +
+                       ", got dout " + dout.shape().to_string() + " and dx " + dx.shape().to_string());
+    }
+    if (!cache.training) {
+      throw Error(op + ": run forward with training = true before backward (the GPU's inference paths keep no "
+                       "gradient state)");
+    }
+    if (cache.sentence_override) {
+      throw Error(op + ": forward routed by Input::sentence_repr (inference only); there is no gradient to it");
+    }
+    const std::int64_t N = cache.plan.tokens;
+    if (N == 0) return;
+    cache.d_gate.resize({N, K});
+    TMOE_CUDA_CHECK(cudaMemsetAsync(cache.d_gate.data(), 0, cache.d_gate.bytes(), ctx.stream()));
+    if (cache.task_path) {
+      if constexpr (kTask) backward_task_ranges(ctx, cache, dout.data(), dx.data());
+    } else {
+      backward_permuted(ctx, cache, dout.data(), dx.data());
+    }
+    backward_gate(ctx, cache, dx.data());
   }
 
  private:
@@ -385,8 +442,6 @@ class Layer<Config, Scalar, Cuda> {
       return;
     }
     const int end_bit = std::bit_width(static_cast<std::uint64_t>(bins));
-    const std::int64_t chunks_per_group = (S + mk::kLossChunk - 1) / mk::kLossChunk;
-    const std::int64_t chunks = groups * chunks_per_group;
 
     // Scratch: CUB's temporary storage sizes first (host-side queries), then one workspace block.
     std::size_t hist_bytes = 0, scan_bytes = 0, sort_bytes = 0;
@@ -404,10 +459,13 @@ class Layer<Config, Scalar, Cuda> {
     w.reserve<Real>(G * K);               // top_val
     w.reserve<std::int32_t>(G * K);       // top_idx
     w.reserve<Real>(items);               // norm
-    w.reserve<std::uint32_t>(items * 2);  // keys, sorted keys
-    w.reserve<std::int32_t>(items * 2);   // items, sorted items
-    w.reserve<int>(bins * 2);             // count, start
-    w.reserve<double>(chunks * E * 2 + chunks * 2);
+    // One reservation per take: each is rounded up to the carver's alignment.
+    w.reserve<std::uint32_t>(items);      // keys
+    w.reserve<std::uint32_t>(items);      // sorted keys
+    w.reserve<std::int32_t>(items);       // items
+    w.reserve<std::int32_t>(items);       // sorted items
+    w.reserve<int>(bins);                 // count
+    w.reserve<int>(bins);                 // start
     w.reserve_bytes(std::max({hist_bytes, scan_bytes, sort_bytes}));
     w.start(ctx.workspace(w.bytes()));
     Real* top_val = w.take<Real>(G * K);
@@ -419,10 +477,6 @@ class Layer<Config, Scalar, Cuda> {
     std::int32_t* sorted_items = w.take<std::int32_t>(items);
     int* count = w.take<int>(bins);
     int* start = w.take<int>(bins);
-    double* f_part = w.take<double>(chunks * E);
-    double* m_part = w.take<double>(chunks * E);
-    double* z_part = w.take<double>(chunks);
-    double* valid_part = w.take<double>(chunks);
     std::byte* cub_tmp = w.take_bytes(std::max({hist_bytes, scan_bytes, sort_bytes}));
 
     // 1. Softmax and top-K, one warp per gate row.
@@ -462,18 +516,57 @@ class Layer<Config, Scalar, Cuda> {
         plan.gate.data());
     TMOE_CUDA_CHECK_LAUNCH("final_weights_kernel");
     // 3. Losses, when training.
-    if (args.training) {
-      plan.losses.resize({2});
-      plan.has_losses = true;
-      const int loss_threads = std::min(1024, (E + 31) / 32 * 32);
-      mk::loss_partials_kernel<E, K, Real><<<static_cast<unsigned>(chunks), loss_threads, 0, stream>>>(
-          cache.gate_row.data(), cache.probs.data(), cache.logits.data(), plan.expert.data(), N, S, chunks_per_group,
-          f_part, m_part, z_part, valid_part);
-      TMOE_CUDA_CHECK_LAUNCH("loss_partials_kernel");
-      mk::loss_final_kernel<E><<<1, 256, 0, stream>>>(f_part, m_part, z_part, valid_part, N, S, groups,
-                                                      chunks_per_group, plan.losses.data());
-      TMOE_CUDA_CHECK_LAUNCH("loss_final_kernel");
-    }
+    if (args.training) compute_losses(ctx, cache);
+  }
+
+  /// The loss partials of plan.group_size-token groups (chunks of kLossChunk tokens), carved from the workspace.
+  struct LossPartials {
+    std::int64_t chunks_per_group = 0;
+    double* f = nullptr;      // (chunks, E) top-1 counts
+    double* m = nullptr;      // (chunks, E) probability sums
+    double* z = nullptr;      // (chunks) z-loss sums
+    double* valid = nullptr;  // (chunks) non-padding tokens
+  };
+  static void reserve_partials(backend::cuda::WorkspaceCarver& w, const RoutingPlan<Real, Cuda>& plan) {
+    const std::int64_t chunks = plan.groups * partial_chunks(plan);
+    w.reserve<double>(chunks * E);  // one reservation per take of loss_partials
+    w.reserve<double>(chunks * E);
+    w.reserve<double>(chunks);
+    w.reserve<double>(chunks);
+  }
+  static std::int64_t partial_chunks(const RoutingPlan<Real, Cuda>& plan) {
+    return (plan.group_size + backend::cuda::moe_kernels::kLossChunk - 1) / backend::cuda::moe_kernels::kLossChunk;
+  }
+  /// Launches the partials over the plan's tokens (the cache's gate rows, probabilities, logits and top-1 experts).
+  static LossPartials loss_partials(CudaContext& ctx, const Cache& cache, backend::cuda::WorkspaceCarver& w) {
+    const auto& plan = cache.plan;
+    LossPartials l;
+    l.chunks_per_group = partial_chunks(plan);
+    const std::int64_t chunks = plan.groups * l.chunks_per_group;
+    l.f = w.take<double>(chunks * E);
+    l.m = w.take<double>(chunks * E);
+    l.z = w.take<double>(chunks);
+    l.valid = w.take<double>(chunks);
+    const int threads = std::min(1024, (E + 31) / 32 * 32);
+    backend::cuda::moe_kernels::loss_partials_kernel<E, K, Real><<<static_cast<unsigned>(chunks), threads, 0, ctx.stream()>>>(
+        cache.gate_row.data(), cache.probs.data(), cache.logits.data(), plan.expert.data(), plan.tokens,
+        plan.group_size, l.chunks_per_group, l.f, l.m, l.z, l.valid);
+    TMOE_CUDA_CHECK_LAUNCH("loss_partials_kernel");
+    return l;
+  }
+
+  /// plan.losses = (aux loss, z-loss) of the plan's tokens, on the stream.
+  static void compute_losses(CudaContext& ctx, Cache& cache) {
+    auto& plan = cache.plan;
+    plan.losses.resize({2});
+    plan.has_losses = true;
+    backend::cuda::WorkspaceCarver w;
+    reserve_partials(w, plan);
+    w.start(ctx.workspace(w.bytes()));
+    const LossPartials l = loss_partials(ctx, cache, w);
+    backend::cuda::moe_kernels::loss_final_kernel<E><<<1, 256, 0, ctx.stream()>>>(
+        l.f, l.m, l.z, l.valid, plan.tokens, plan.group_size, plan.groups, l.chunks_per_group, plan.losses.data());
+    TMOE_CUDA_CHECK_LAUNCH("loss_final_kernel");
   }
 
   // Permuted path: gather -> expert GEMMs -> activation -> expert GEMMs -> combine.
@@ -492,8 +585,9 @@ class Layer<Config, Scalar, Cuda> {
     const ConstTensorView<Scalar, Cuda> xs(x, {N, C});
     backend::cuda::gather_rows<Scalar, std::int64_t>(ctx, cache.dispatched.view(), xs, plan.row_token.cview());
 
-    if (plan.capacity >= 0 && plan.groups * plan.capacity <= mk::kExpertRowsMax && !keep_pre) {
-      // A few rows per expert: stream only the experts that have rows (the plan's counts, on the device).
+    if (plan.capacity >= 0 && plan.groups * plan.capacity <= mk::kExpertRowsMax && !training) {
+      // A few rows per expert: stream only the experts that have rows (the plan's counts, on the device). Inference
+      // only: the hidden rows of the other experts stay unwritten, and backward reads every row.
       const std::int64_t rows = plan.groups * plan.capacity;
       backend::cuda::WorkspaceCarver w;
       w.reserve<std::int32_t>(E + 1);
@@ -597,7 +691,9 @@ class Layer<Config, Scalar, Cuda> {
     TMOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<const std::int32_t*>(nullptr),
                                                   static_cast<std::int32_t*>(nullptr), static_cast<int>(N), stream));
     backend::cuda::WorkspaceCarver w;
-    w.reserve<std::int32_t>(N * 3);
+    w.reserve<std::int32_t>(N);  // starts (one reservation per take: each is rounded up to the alignment)
+    w.reserve<std::int32_t>(N);  // first
+    w.reserve<std::int32_t>(N);  // seq
     w.reserve<Real>(G);
     w.reserve_bytes(scan_bytes);
     w.start(ctx.workspace(w.bytes()));
@@ -662,6 +758,8 @@ class Layer<Config, Scalar, Cuda> {
   struct DeviceRoutes {
     std::int32_t* top_idx = nullptr;
     Real* weights = nullptr;
+    Real* logits = nullptr;  // (T, E)
+    Real* probs = nullptr;   // (T, E)
   };
   static void reserve_routes(backend::cuda::WorkspaceCarver& w, std::int64_t T) {
     w.reserve<Real>(T * E * 2 + T * K * 2);
@@ -673,6 +771,8 @@ class Layer<Config, Scalar, Cuda> {
     Real* probs = logits + T * E;
     Real* top_val = probs + T * E;
     DeviceRoutes r;
+    r.logits = logits;
+    r.probs = probs;
     r.weights = top_val + T * K;
     r.top_idx = w.take<std::int32_t>(T * K);
     router_gemm(ctx, logits, task_embedding_.value.cview());
@@ -722,7 +822,7 @@ class Layer<Config, Scalar, Cuda> {
   /// Task path: each task's tokens as one contiguous range through K dense FFNs. Gathers the tokens by task first when
   /// the batch does not hold them contiguously.
   void forward_task_ranges(CudaContext& ctx, const Input<Scalar, Cuda>& in, const Layout& lay,
-                           TensorView<Scalar, Cuda> out, Cache& cache) const requires kTask {
+                           TensorView<Scalar, Cuda> out, Cache& cache, bool training) const requires kTask {
     namespace mk = backend::cuda::moe_kernels;
     using backend::cuda::GemmOperand;
     cudaStream_t stream = ctx.stream();
@@ -735,14 +835,27 @@ class Layer<Config, Scalar, Cuda> {
     const DeviceRoutes routes = device_routes(ctx, w);
     const std::vector<std::int32_t> gate_row = task_gate_rows(ctx, in, lay, cache);
 
-    // The plan of the task path: every valid token's K choices, all dispatched.
+    // The plan of the task path: every valid token's K choices, all dispatched. Capacity groups as on the CPU (they
+    // only matter to the aux loss).
     auto& plan = cache.plan;
-    reset_plan(plan, N, N, 1);
+    const std::int64_t S = options_.group_size > 0 ? options_.group_size : N;
+    reset_plan(plan, N, S, (N + S - 1) / S);
     plan.capacity = -1;
     mk::task_plan_kernel<K, Real><<<backend::cuda::blocks_for(N, kThreads), kThreads, 0, stream>>>(
         cache.gate_row.data(), routes.top_idx, routes.weights, N, plan.expert.data(), plan.gate.data(),
         plan.dispatched.data());
     TMOE_CUDA_CHECK_LAUNCH("task_plan_kernel");
+    if (training) {
+      // Backward and the losses need every task's logits and probabilities.
+      const std::int64_t T = options_.num_tasks;
+      cache.logits.resize({T, E});
+      cache.probs.resize({T, E});
+      TMOE_CUDA_CHECK(cudaMemcpyAsync(cache.logits.data(), routes.logits, cache.logits.bytes(),
+                                      cudaMemcpyDeviceToDevice, stream));
+      TMOE_CUDA_CHECK(cudaMemcpyAsync(cache.probs.data(), routes.probs, cache.probs.bytes(), cudaMemcpyDeviceToDevice,
+                                      stream));
+      compute_losses(ctx, cache);
+    }
 
     // Ranges: maximal runs of one task (padding joins its run), or a stable counting sort by task.
     std::vector<std::int64_t> ranges;  // (begin, end, task) triples
@@ -762,7 +875,8 @@ class Layer<Config, Scalar, Cuda> {
     const Scalar* xs = in.x.data();
     Scalar* ys = out.data();
     std::int64_t routed = N;
-    Tensor<std::int64_t, Cuda> order_dev;
+    Tensor<std::int64_t, Cuda>& order_dev = cache.task_order_device;
+    cache.task_order.clear();
     if (!contiguous) {
       std::vector<std::int64_t> count(static_cast<std::size_t>(options_.num_tasks) + 1, 0);
       for (std::int32_t t : gate_row) {
@@ -781,6 +895,7 @@ class Layer<Config, Scalar, Cuda> {
         if (t >= 0) order.data()[count[static_cast<std::size_t>(t)]++] = n;
       }
       order_dev = tmoe::to_device(ctx, order);
+      cache.task_order.assign(order.data(), order.data() + routed);
       cache.task_x.resize({routed, C});
       cache.task_y.resize({routed, C});
       backend::cuda::gather_rows<Scalar, std::int64_t>(ctx, cache.task_x.view(), in.x.reshape({N, C}),
@@ -789,11 +904,16 @@ class Layer<Config, Scalar, Cuda> {
       ys = cache.task_y.data();
     }
 
-    // Hidden (routed, K*F): expert j's activations in columns [j*F, (j+1)*F).
+    cache.task_range = ranges;
+
+    // Hidden (routed, K*F): expert j's activations in columns [j*F, (j+1)*F). Training keeps the pre-activations
+    // when backward needs them (not ReLU), which only the GEMM path below does.
     cache.hidden.resize({routed, K * F});
+    const bool keep_pre = training && !std::is_same_v<Act, nn::Relu>;
+    if (keep_pre) cache.pre.resize({routed, K * F});
     std::int64_t longest = 0;
     for (std::size_t i = 0; i < ranges.size(); i += 3) longest = std::max(longest, ranges[i + 1] - ranges[i]);
-    if (longest <= kTaskRowsSmall) {
+    if (longest <= kTaskRowsSmall && !keep_pre) {
       // Few rows: the task's experts and weights are read on the device; the K experts' outputs sum in registers.
       for (std::size_t i = 0; i < ranges.size(); i += 3) {
         const std::int64_t b = ranges[i], e = ranges[i + 1], t = ranges[i + 2];
@@ -837,7 +957,7 @@ class Layer<Config, Scalar, Cuda> {
               GemmOperand<Scalar>{cache.hidden.data() + b * K * F + j * F, K * F, 0}, 1, 0);
         }
       }
-      activate(stream, cache.hidden.data(), nullptr, routed * K * F);
+      activate(stream, cache.hidden.data(), keep_pre ? cache.pre.data() : nullptr, routed * K * F);
       // The K output GEMMs accumulate in the output (beta = 1), as the CPU layer does.
       for (std::size_t i = 0; i < ranges.size(); i += 3) {
         const std::int64_t b = ranges[i], e = ranges[i + 1], t = ranges[i + 2];
@@ -866,6 +986,283 @@ class Layer<Config, Scalar, Cuda> {
     mk::zero_padding_rows_kernel<Scalar>
         <<<backend::cuda::blocks_for(N * C, kThreads), kThreads, 0, stream>>>(out.data(), cache.gate_row.data(), N, C);
     TMOE_CUDA_CHECK_LAUNCH("zero_padding_rows_kernel");
+  }
+
+  // ---- backward ------------------------------------------------------------------------------------------------
+
+  /// The first half of the experts' backward over `batch` experts from e0, blocks of `rows` rows each at strides
+  /// rows * ld: dH = dY wo_e, dwo_e += dY^T H. H and dH have leading dimension ldh (the task path interleaves its K
+  /// experts' columns).
+  void experts_backward_out(CudaContext& ctx, std::int64_t rows, std::int64_t e0, std::int64_t batch, const Scalar* dy,
+                            const Scalar* h, Scalar* dh, std::int64_t ldh, Scalar alpha = Scalar(1)) {
+    const std::int64_t C = options_.d_model, F = options_.d_ff;
+    backend::cuda::gemm_strided_batched<Scalar, Scalar>(ctx, rows, F, C, {dy, C, rows * C}, Trans::kN,
+                                                        {wo_.value.data() + e0 * C * F, F, C * F}, Trans::kN,
+                                                        {dh, ldh, rows * ldh}, alpha, 0, batch);
+    backend::cuda::gemm_strided_batched<Scalar, Scalar>(ctx, C, F, rows, {dy, C, rows * C}, Trans::kT,
+                                                        {h, ldh, rows * ldh}, Trans::kN,
+                                                        {wo_.grad.data() + e0 * C * F, F, C * F}, alpha, 1, batch);
+  }
+  /// The second half, after the activation's backward: dwi_e += dH^T X, dX = dH wi_e + beta dX.
+  void experts_backward_in(CudaContext& ctx, std::int64_t rows, std::int64_t e0, std::int64_t batch, const Scalar* x,
+                           const Scalar* dh, std::int64_t ldh, Scalar* dx, Scalar beta = Scalar(0)) {
+    const std::int64_t C = options_.d_model, F = options_.d_ff;
+    backend::cuda::gemm_strided_batched<Scalar, Scalar>(ctx, F, C, rows, {dh, ldh, rows * ldh}, Trans::kT,
+                                                        {x, C, rows * C}, Trans::kN,
+                                                        {wi_.grad.data() + e0 * F * C, C, F * C}, 1, 1, batch);
+    backend::cuda::gemm_strided_batched<Scalar, Scalar>(ctx, rows, C, F, {dh, ldh, rows * ldh}, Trans::kN,
+                                                        {wi_.value.data() + e0 * F * C, C, F * C}, Trans::kN,
+                                                        {dx, C, rows * C}, 1, beta, batch);
+  }
+
+  void activation_backward(cudaStream_t stream, Scalar* dh, const Scalar* h, const Scalar* pre, std::int64_t count) {
+    if (count == 0) return;
+    backend::cuda::moe_kernels::activation_backward_kernel<Act, Scalar>
+        <<<backend::cuda::blocks_for(count, 256), 256, 0, stream>>>(dh, h, pre, count);
+    TMOE_CUDA_CHECK_LAUNCH("activation_backward_kernel");
+  }
+
+  // Permuted path: combine backward -> expert GEMMs backward -> inverse permutation into dx (overwritten).
+  void backward_permuted(CudaContext& ctx, Cache& cache, const Scalar* dy, Scalar* dx) {
+    namespace mk = backend::cuda::moe_kernels;
+    cudaStream_t stream = ctx.stream();
+    constexpr int kThreads = 256;
+    const auto& plan = cache.plan;
+    const std::int64_t N = plan.tokens, C = options_.d_model, F = options_.d_ff, R = plan.row_slots;
+    cache.d_expert_out.resize({R, C});
+    cache.d_hidden.resize({R, F});
+    cache.d_dispatched.resize({R, C});
+    mk::combine_backward_kernel<K, Scalar, Real><<<backend::cuda::blocks_for(R * mk::kWarp, kThreads), kThreads, 0, stream>>>(
+        dy, cache.expert_out.data(), plan.gate.data(), plan.row_token.data(), plan.row_choice.data(), R, C,
+        cache.d_expert_out.data(), cache.d_gate.data());
+    TMOE_CUDA_CHECK_LAUNCH("combine_backward_kernel");
+    const Scalar* pre = std::is_same_v<Act, nn::Relu> ? nullptr : cache.pre.data();
+    if (plan.capacity >= 0) {
+      // Fixed blocks of G*C rows per expert; empty rows hold zero inputs and get zero gradients.
+      const std::int64_t rows = plan.groups * plan.capacity;
+      experts_backward_out(ctx, rows, 0, E, cache.d_expert_out.data(), cache.hidden.data(), cache.d_hidden.data(), F);
+      activation_backward(stream, cache.d_hidden.data(), cache.hidden.data(), pre, R * F);
+      experts_backward_in(ctx, rows, 0, E, cache.dispatched.data(), cache.d_hidden.data(), F,
+                          cache.d_dispatched.data());
+    } else {
+      // Dropless: the expert sizes come to the host again (one synchronization), then each non-empty expert.
+      std::vector<std::int64_t> offset(static_cast<std::size_t>(E) + 1);
+      TMOE_CUDA_CHECK(cudaMemcpyAsync(offset.data(), plan.expert_offset.data(), offset.size() * sizeof(std::int64_t),
+                                      cudaMemcpyDeviceToHost, stream));
+      ctx.synchronize();
+      for (int e = 0; e < E; ++e) {
+        const std::int64_t r0 = offset[static_cast<std::size_t>(e)], r1 = offset[static_cast<std::size_t>(e) + 1];
+        if (r0 < r1) {
+          experts_backward_out(ctx, r1 - r0, e, 1, cache.d_expert_out.data() + r0 * C, cache.hidden.data() + r0 * F,
+                               cache.d_hidden.data() + r0 * F, F);
+        }
+      }
+      const std::int64_t used = offset[static_cast<std::size_t>(E)];
+      activation_backward(stream, cache.d_hidden.data(), cache.hidden.data(), pre, used * F);
+      for (int e = 0; e < E; ++e) {
+        const std::int64_t r0 = offset[static_cast<std::size_t>(e)], r1 = offset[static_cast<std::size_t>(e) + 1];
+        if (r0 < r1) {
+          experts_backward_in(ctx, r1 - r0, e, 1, cache.dispatched.data() + r0 * C, cache.d_hidden.data() + r0 * F, F,
+                              cache.d_dispatched.data() + r0 * C);
+        }
+      }
+    }
+    mk::uncombine_kernel<K, Scalar><<<backend::cuda::blocks_for(N * C, kThreads), kThreads, 0, stream>>>(
+        dx, cache.d_dispatched.data(), plan.row.data(), N, C);
+    TMOE_CUDA_CHECK_LAUNCH("uncombine_kernel");
+  }
+
+  // Task path: each task range through its K experts' backward; dx overwritten (zeros on padding).
+  void backward_task_ranges(CudaContext& ctx, Cache& cache, const Scalar* dy, Scalar* dx) requires kTask {
+    namespace mk = backend::cuda::moe_kernels;
+    cudaStream_t stream = ctx.stream();
+    constexpr int kThreads = 256;
+    const std::int64_t N = cache.plan.tokens, C = options_.d_model, F = options_.d_ff;
+    const bool permuted = !cache.task_order.empty();
+    const std::int64_t routed = permuted ? static_cast<std::int64_t>(cache.task_order.size()) : N;
+    const std::int64_t* order = permuted ? cache.task_order_device.data() : nullptr;
+    const std::vector<TaskRoute<Real, K>> routes = task_routes(ctx);  // one synchronization
+
+    // The output gradient in task order, zero on padding rows (forward wrote zeros there whatever the input).
+    cache.d_expert_out.resize({routed, C});
+    cache.expert_out.resize({routed, C});  // scratch: FFN_j(x) of a range, for the gate gradient
+    cache.d_hidden.resize({routed, K * F});
+    cache.d_dispatched.resize({routed, C});
+    Scalar* dyt = cache.d_expert_out.data();
+    if (permuted) {
+      backend::cuda::gather_rows<Scalar, std::int64_t>(ctx, cache.d_expert_out.view(),
+                                                       ConstTensorView<Scalar, Cuda>(dy, {N, C}),
+                                                       cache.task_order_device.cview());
+    } else {
+      TMOE_CUDA_CHECK(cudaMemcpyAsync(dyt, dy, static_cast<std::size_t>(N * C) * sizeof(Scalar),
+                                      cudaMemcpyDeviceToDevice, stream));
+      mk::zero_padding_rows_kernel<Scalar>
+          <<<backend::cuda::blocks_for(N * C, kThreads), kThreads, 0, stream>>>(dyt, cache.gate_row.data(), N, C);
+      TMOE_CUDA_CHECK_LAUNCH("zero_padding_rows_kernel");
+    }
+    const Scalar* xs = permuted ? cache.task_x.data() : cache.x.data();
+    const Scalar* h = cache.hidden.data();
+    Scalar* dh = cache.d_hidden.data();
+    Scalar* yo = cache.expert_out.data();
+    const auto& ranges = cache.task_range;
+    for (std::size_t i = 0; i < ranges.size(); i += 3) {
+      const std::int64_t b = ranges[i], rows = ranges[i + 1] - b, t = ranges[i + 2];
+      for (int j = 0; j < K; ++j) {
+        const std::int64_t ex = routes[static_cast<std::size_t>(t)].experts[static_cast<std::size_t>(j)];
+        const auto g = static_cast<Scalar>(routes[static_cast<std::size_t>(t)].weights[static_cast<std::size_t>(j)]);
+        // FFN_j(x) = H_j wo_e^T, recomputed from the kept activations, then dG(n, j) = dy_n . FFN_j(x_n).
+        backend::cuda::gemm_strided_batched<Scalar, Scalar>(ctx, rows, C, F, {h + b * K * F + j * F, K * F, 0},
+                                                            Trans::kN, {wo_.value.data() + ex * C * F, F, 0},
+                                                            Trans::kT, {yo + b * C, C, 0}, 1, 0);
+        mk::row_dot_kernel<K, Scalar, Real>
+            <<<backend::cuda::blocks_for(rows * mk::kWarp, kThreads), kThreads, 0, stream>>>(
+                dyt + b * C, yo + b * C, order != nullptr ? order + b : nullptr, cache.gate_row.data(), rows, C, j,
+                cache.d_gate.data());
+        TMOE_CUDA_CHECK_LAUNCH("row_dot_kernel");
+        // The expert sees g * dy: dH_j = g dy wo_e, dwo_e += g dy^T H_j.
+        experts_backward_out(ctx, rows, ex, 1, dyt + b * C, h + b * K * F + j * F, dh + b * K * F + j * F, K * F, g);
+      }
+    }
+    activation_backward(stream, dh, h, std::is_same_v<Act, nn::Relu> ? nullptr : cache.pre.data(), routed * K * F);
+    Scalar* dxt = cache.d_dispatched.data();
+    TMOE_CUDA_CHECK(cudaMemsetAsync(dxt, 0, static_cast<std::size_t>(routed * C) * sizeof(Scalar), stream));
+    for (std::size_t i = 0; i < ranges.size(); i += 3) {
+      const std::int64_t b = ranges[i], rows = ranges[i + 1] - b, t = ranges[i + 2];
+      for (int j = 0; j < K; ++j) {
+        const std::int64_t ex = routes[static_cast<std::size_t>(t)].experts[static_cast<std::size_t>(j)];
+        experts_backward_in(ctx, rows, ex, 1, xs + b * C, dh + b * K * F + j * F, K * F, dxt + b * C, Scalar(1));
+      }
+    }
+    if (permuted) {
+      TMOE_CUDA_CHECK(cudaMemsetAsync(dx, 0, static_cast<std::size_t>(N * C) * sizeof(Scalar), stream));
+      if (routed > 0) {
+        mk::scatter_rows_kernel<Scalar><<<backend::cuda::blocks_for(routed * C, kThreads), kThreads, 0, stream>>>(
+            dx, dxt, order, routed, C);
+        TMOE_CUDA_CHECK_LAUNCH("scatter_rows_kernel");
+      }
+    } else {
+      TMOE_CUDA_CHECK(cudaMemcpyAsync(dx, dxt, static_cast<std::size_t>(N * C) * sizeof(Scalar),
+                                      cudaMemcpyDeviceToDevice, stream));
+      mk::zero_padding_rows_kernel<Scalar>
+          <<<backend::cuda::blocks_for(N * C, kThreads), kThreads, 0, stream>>>(dx, cache.gate_row.data(), N, C);
+      TMOE_CUDA_CHECK_LAUNCH("zero_padding_rows_kernel");
+    }
+  }
+
+  // From dG (N, K) to the router: normalization, aux loss, softmax, z-loss (one block per gate row), then the gate
+  // projection's GEMMs and the gate inputs: x (token), the sequence means (sentence) or the task embedding (task).
+  void backward_gate(CudaContext& ctx, Cache& cache, Scalar* dx) {
+    namespace mk = backend::cuda::moe_kernels;
+    using backend::cuda::GemmPrecision;
+    cudaStream_t stream = ctx.stream();
+    constexpr int kThreads = 256;
+    constexpr double aux_coef = Config::aux_loss_coefficient, z_coef = Config::z_loss_coefficient;
+    const auto& plan = cache.plan;
+    const std::int64_t N = plan.tokens, C = options_.d_model, G = cache.probs.dim(0);
+    const bool by_row = !std::is_same_v<Route, route::Token>;  // gate rows shared by several tokens
+    const bool losses = aux_coef != 0.0 || z_coef != 0.0;
+
+    std::size_t hist_bytes = 0, scan_bytes = 0, sort_bytes = 0;
+    if (by_row) {
+      TMOE_CUDA_CHECK(cub::DeviceHistogram::HistogramEven(
+          nullptr, hist_bytes, static_cast<const std::uint32_t*>(nullptr), static_cast<int*>(nullptr),
+          static_cast<int>(G + 2), std::uint32_t{0}, static_cast<std::uint32_t>(G + 1), static_cast<int>(N), stream));
+      TMOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<const int*>(nullptr),
+                                                    static_cast<int*>(nullptr), static_cast<int>(G + 1), stream));
+      TMOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+          nullptr, sort_bytes, static_cast<const std::uint32_t*>(nullptr), static_cast<std::uint32_t*>(nullptr),
+          static_cast<const std::int32_t*>(nullptr), static_cast<std::int32_t*>(nullptr), static_cast<int>(N), 0,
+          std::bit_width(static_cast<std::uint64_t>(G + 1)), stream));
+    }
+    const std::size_t cub_bytes = std::max({hist_bytes, scan_bytes, sort_bytes});
+    backend::cuda::WorkspaceCarver w;
+    if (losses) {
+      reserve_partials(w, plan);
+      w.reserve<double>(plan.groups * E);
+      w.reserve<double>(1);
+    }
+    if (by_row) {
+      w.reserve<std::uint32_t>(N);
+      w.reserve<std::uint32_t>(N);
+      w.reserve<std::int32_t>(N);
+      w.reserve<std::int32_t>(N);
+      w.reserve<int>(G + 1);
+      w.reserve<int>(G + 1);
+      w.reserve_bytes(cub_bytes);
+    }
+    if (kSentence) w.reserve<Real>(G * C);
+    w.start(ctx.workspace(w.bytes()));
+
+    // The aux loss's gradient per (group, expert) and the valid-token count of the z-loss.
+    double* aux_f = nullptr;
+    double* valid = nullptr;
+    if (losses) {
+      const LossPartials l = loss_partials(ctx, cache, w);
+      aux_f = w.take<double>(plan.groups * E);
+      valid = w.take<double>(1);
+      mk::aux_prep_kernel<E><<<1, kThreads, 0, stream>>>(l.f, l.valid, N, plan.group_size, plan.groups,
+                                                         l.chunks_per_group, aux_coef, aux_f, valid);
+      TMOE_CUDA_CHECK_LAUNCH("aux_prep_kernel");
+    }
+    // Each gate row's tokens in token order: a stable sort of the tokens by gate row (padding last).
+    const std::int32_t* tokens = nullptr;
+    const int* start = nullptr;
+    if (by_row) {
+      std::uint32_t* keys = w.take<std::uint32_t>(N);
+      std::uint32_t* sorted_keys = w.take<std::uint32_t>(N);
+      std::int32_t* values = w.take<std::int32_t>(N);
+      std::int32_t* sorted_values = w.take<std::int32_t>(N);
+      int* count = w.take<int>(G + 1);
+      int* first = w.take<int>(G + 1);
+      std::byte* tmp = w.take_bytes(cub_bytes);
+      mk::gate_row_keys_kernel<<<backend::cuda::blocks_for(N, kThreads), kThreads, 0, stream>>>(
+          cache.gate_row.data(), N, G, keys, values);
+      TMOE_CUDA_CHECK_LAUNCH("gate_row_keys_kernel");
+      std::size_t bytes = hist_bytes;
+      TMOE_CUDA_CHECK(cub::DeviceHistogram::HistogramEven(tmp, bytes, keys, count, static_cast<int>(G + 2),
+                                                          std::uint32_t{0}, static_cast<std::uint32_t>(G + 1),
+                                                          static_cast<int>(N), stream));
+      bytes = scan_bytes;
+      TMOE_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(tmp, bytes, count, first, static_cast<int>(G + 1), stream));
+      bytes = sort_bytes;
+      TMOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(tmp, bytes, keys, sorted_keys, values, sorted_values,
+                                                      static_cast<int>(N), 0,
+                                                      std::bit_width(static_cast<std::uint64_t>(G + 1)), stream));
+      tokens = sorted_values;
+      start = first;
+    }
+    cache.d_logits.resize({G, E});
+    const int row_threads = std::min(kThreads, (E + 31) / 32 * 32);
+    mk::gate_row_grad_kernel<Config, Real><<<static_cast<unsigned>(G), row_threads, 0, stream>>>(
+        tokens, start, cache.gate_row.data(), plan.expert.data(), plan.dispatched.data(), cache.d_gate.data(),
+        cache.probs.data(), cache.logits.data(), aux_coef != 0.0 ? aux_f : nullptr, plan.group_size,
+        z_coef != 0.0 ? valid : nullptr, z_coef, cache.d_logits.data());
+    TMOE_CUDA_CHECK_LAUNCH("gate_row_grad_kernel");
+
+    // logits = gin Wg^T: dWg += dl^T gin; dgin = dl Wg, then into the gate inputs. Full precision, as forward.
+    const Real* dl = cache.d_logits.data();
+    Scalar* dwg = gate_weight_.grad.data();
+    const Scalar* wg = gate_weight_.value.data();
+    const auto gemm = [&](std::int64_t m, std::int64_t n, std::int64_t k, const Scalar* a, Trans ta, const Scalar* b,
+                          Trans tb, Scalar* c, Scalar beta) {
+      const std::int64_t lda = ta == Trans::kN ? k : m, ldb = tb == Trans::kN ? n : k;
+      backend::cuda::gemm_strided_batched<Scalar, Scalar>(ctx, m, n, k, {a, lda, 0}, ta, {b, ldb, 0}, tb, {c, n, 0}, 1,
+                                                          beta, 1, GemmPrecision::kFull);
+    };
+    if constexpr (std::is_same_v<Route, route::Token>) {
+      gemm(E, C, N, dl, Trans::kT, cache.x.data(), Trans::kN, dwg, 1);
+      gemm(N, C, E, dl, Trans::kN, wg, Trans::kN, dx, 1);
+    } else if constexpr (kSentence) {
+      gemm(E, C, G, dl, Trans::kT, cache.gate_input.data(), Trans::kN, dwg, 1);
+      Real* dmean = w.take<Real>(G * C);
+      gemm(G, C, E, dl, Trans::kN, wg, Trans::kN, dmean, 0);
+      mk::sentence_dx_kernel<Scalar, Real><<<backend::cuda::blocks_for(N * C, kThreads), kThreads, 0, stream>>>(
+          dx, dmean, cache.gate_row.data(), start, N, C);
+      TMOE_CUDA_CHECK_LAUNCH("sentence_dx_kernel");
+    } else {
+      gemm(E, C, G, dl, Trans::kT, task_embedding_.value.data(), Trans::kN, dwg, 1);
+      gemm(G, C, E, dl, Trans::kN, wg, Trans::kN, task_embedding_.grad.data(), 1);
+    }
   }
 
   LayerOptions options_;

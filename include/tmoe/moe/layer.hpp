@@ -131,6 +131,7 @@ struct LayerCache {
   std::vector<std::int64_t> task_range;   // task path: (begin, end, task) triples over that order
   Tensor<Scalar, Device> task_x;          // task path: gathered inputs when tasks were not contiguous
   Tensor<Scalar, Device> task_y;          // task path: outputs in task order, before scattering back
+  Tensor<std::int64_t, Device> task_order_device;  // CUDA task path: task_order on the device (for backward)
   ConstTensorView<Scalar, Device> x;      // the forward input; it must outlive backward (llm.c style)
   bool training = false;                  // forward ran in training mode (pre-activations kept if needed)
   bool sentence_override = false;         // sentence routing ran on Input::sentence_repr (no backward)

@@ -49,11 +49,15 @@ struct AdamWOptions {
   double weight_decay = 0.0;  ///< λ >= 0, decoupled, multiplied by lr
 };
 
+/// AdamW over a list of parameters on `Device`: the CPU one below, the CUDA one in train/cuda_adamw.cuh.
+/// @tparam Scalar float or double.
+template <std::floating_point Scalar, DeviceTag Device = Cpu>
+class AdamW;
+
 /// AdamW over a list of CPU parameters. Holds views of the parameters; they must outlive the optimizer.
 /// State buffers (Scalar, same shapes as the parameters): "{prefix}{name}.adam_m", "{prefix}{name}.adam_v".
-/// @tparam Scalar float or double.
 template <std::floating_point Scalar>
-class AdamW {
+class AdamW<Scalar, Cpu> {
  public:
   static constexpr std::string_view kType = "adamw";
 

@@ -42,10 +42,11 @@ namespace tmoe::train {
 
 /// An optimizer's state for a checkpoint.
 /// @tparam Scalar the parameters' (and the buffers') element type.
-template <std::floating_point Scalar>
+/// @tparam Device where the buffers live (a CUDA optimizer's views are device views; copy them to the host to save).
+template <std::floating_point Scalar, DeviceTag Device = Cpu>
 struct OptimizerState {
   /// Mutable views into the optimizer's own buffers: saving reads them, io::load writes them.
-  NamedTensorViews<Scalar, Cpu> tensors;
+  NamedTensorViews<Scalar, Device> tensors;
   /// "{prefix}step" (decimal step count) and "{prefix}type" ("adamw" or "adafactor").
   std::map<std::string, std::string> metadata;
 };
@@ -82,8 +83,8 @@ inline Shape shape_of(const std::int64_t* e, int rank) { return Shape::from_exte
 
 /// Checks what every optimizer requires of its parameter list: non-empty unique names, grad shaped like value.
 /// @throws Error on an empty or repeated name; ShapeError when a gradient's shape differs from its value's.
-template <class S>
-void check_parameters(std::string_view op, const nn::ParameterRefs<S, Cpu>& params) {
+template <class S, DeviceTag Device>
+void check_parameters(std::string_view op, const nn::ParameterRefs<S, Device>& params) {
   std::set<std::string, std::less<>> seen;
   for (const auto& p : params) {
     if (p.name.empty()) throw Error(tmoe::detail::message(op, "a parameter has an empty name"));
