@@ -334,7 +334,7 @@ double train_model(CpuContext& ctx, const std::string& name, Model& model, const
                  static_cast<double>(tokens) / std::max(elapsed, 1e-9), elapsed, remaining);
     if ((step + 1) % f.eval_every == 0 || step + 1 == f.steps) {
       const double v = validation_loss(ctx, model, dev);
-      curves << name << ',' << step + 1 << ',' << loss_window / window << ',' << v << '\n';
+      curves << name << ',' << step + 1 << ',' << loss_window / window << ',' << v << std::endl;  // kept if killed
       loss_window = 0;
       window = 0;
     }

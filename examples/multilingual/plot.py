@@ -38,10 +38,21 @@ def curves(out):
     return [path]
 
 
+def task_names(out):
+    """Task names in task-id order, from the bleu_<task> columns of results.csv (ids if it is not there)."""
+    path = os.path.join(out, "results.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        header = f.readline().strip().split(",")
+    return [c[len("bleu_"):] for c in header if c.startswith("bleu_") and c != "bleu_avg"]
+
+
 def usage(out):
     path = os.path.join(out, "usage.csv")
     if not os.path.exists(path):
         return []
+    names = task_names(out)
     counts = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
     with open(path) as f:
         for row in csv.DictReader(f):
@@ -54,7 +65,7 @@ def usage(out):
         fig, ax = plt.subplots(figsize=(max(6.0, 1 + 0.6 * len(experts)), 1.5 + 0.5 * len(tasks)))
         im = ax.imshow(grid, cmap="viridis", vmin=0.0, aspect="auto")
         ax.set_xticks(range(len(experts)), [str(e) for e in experts])
-        ax.set_yticks(range(len(tasks)), [str(t) for t in tasks])
+        ax.set_yticks(range(len(tasks)), [names[t] if t < len(names) else str(t) for t in tasks])
         ax.set_xlabel("expert")
         ax.set_ylabel("task")
         ax.set_title(f"{layer}\nshare of each task's tokens sent to each expert (rows sum to k)", fontsize=9)

@@ -5,40 +5,15 @@
 #include <string>
 #include <vector>
 
-#include "cuda_test_util.cuh"
+#include "moe_batch.cuh"
 
 using namespace tmoe;
+using test::Batch;
+using test::make_batch;
 using test::poison;
 using test::random_host;
 
 namespace {
-
-/// Inputs of one comparison: x (B, T, C), optional segment ids, optional task ids per row.
-struct Batch {
-  Tensor<float, Cpu> x;
-  Tensor<std::int32_t, Cpu> segments;  // empty = no padding
-  Tensor<std::int32_t, Cpu> tasks;     // empty = not task routing
-};
-
-Batch make_batch(std::int64_t B, std::int64_t T, std::int64_t C, std::uint64_t seed, bool padding, bool packed,
-                 std::int64_t tasks) {
-  Batch b;
-  b.x = random_host<float>({B, T, C}, seed);
-  if (padding || packed) {
-    b.segments = Tensor<std::int32_t, Cpu>({B, T});
-    for (std::int64_t r = 0; r < B; ++r) {
-      const std::int64_t len = padding ? T - (r * 3) % (T / 2 + 1) : T;  // rows of different lengths
-      for (std::int64_t t = 0; t < T; ++t) {
-        b.segments.data()[r * T + t] = t >= len ? 0 : (packed && t >= len / 2 ? 2 : 1);
-      }
-    }
-  }
-  if (tasks > 0) {
-    b.tasks = Tensor<std::int32_t, Cpu>({B});
-    for (std::int64_t r = 0; r < B; ++r) b.tasks.data()[r] = static_cast<std::int32_t>((r * 7 + 3) % tasks);
-  }
-  return b;
-}
 
 /// The first want.numel() elements of `got` equal `want` (a dropless GPU plan keeps N*K row slots, the CPU's R).
 template <class T>

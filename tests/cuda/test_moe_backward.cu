@@ -1,5 +1,5 @@
 // The MoE layer's backward on the GPU against the CPU layer's backward (itself checked against finite differences in
-// tests/test_moe_backward.cpp): dx and every parameter gradient by relative error, at every granularity and path
+// tests/cpu/test_moe_backward.cpp): dx and every parameter gradient by relative error, at every granularity and path
 // (capacity blocks, dropless per-expert GEMMs, the task path with contiguous and gathered ranges, the permuted task
 // path with GShard's random second expert), with the aux and z losses, ReLU and activations that keep their
 // pre-activations, float and double, and the edges.
@@ -8,41 +8,15 @@
 #include <string>
 #include <vector>
 
-#include "cuda_test_util.cuh"
+#include "moe_batch.cuh"
 
 using namespace tmoe;
+using test::Batch;
+using test::make_batch;
 using test::poison;
 using test::random_host;
 
 namespace {
-
-struct Batch {
-  Tensor<float, Cpu> x;
-  Tensor<std::int32_t, Cpu> segments;  // empty = no padding
-  Tensor<std::int32_t, Cpu> tasks;     // empty = not task routing
-};
-
-/// x (B, T, C); with padding, rows of different lengths; packed: two sequences per row (sentence routing); tasks:
-/// per row, (r * 7 + 3) % tasks, so neighbouring rows differ unless tasks divides 7.
-Batch make_batch(std::int64_t B, std::int64_t T, std::int64_t C, std::uint64_t seed, bool padding, bool packed,
-                 std::int64_t tasks) {
-  Batch b;
-  b.x = random_host<float>({B, T, C}, seed);
-  if (padding || packed) {
-    b.segments = Tensor<std::int32_t, Cpu>({B, T});
-    for (std::int64_t r = 0; r < B; ++r) {
-      const std::int64_t len = padding ? T - (r * 3) % (T / 2 + 1) : T;
-      for (std::int64_t t = 0; t < T; ++t) {
-        b.segments.data()[r * T + t] = t >= len ? 0 : (packed && t >= len / 2 ? 2 : 1);
-      }
-    }
-  }
-  if (tasks > 0) {
-    b.tasks = Tensor<std::int32_t, Cpu>({B});
-    for (std::int64_t r = 0; r < B; ++r) b.tasks.data()[r] = static_cast<std::int32_t>((r * 7 + 3) % tasks);
-  }
-  return b;
-}
 
 /// Tolerances by relative error (max |a - b| / max |b|). The router's gradients sum over the tokens of a gate row in
 /// another order than the CPU (per row on the GPU, token by token there) and pass through the softmax backward's

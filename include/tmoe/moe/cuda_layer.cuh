@@ -638,10 +638,7 @@ class Layer<Config, Scalar, Cuda> {
           GemmOperand<Scalar>{cache.expert_out.data(), C, rows * C}, 1, 0, E);
     } else {
       // Dropless: the expert sizes come to the host once, then one GEMM pair per non-empty expert.
-      std::vector<std::int64_t> offset(static_cast<std::size_t>(E) + 1);
-      TMOE_CUDA_CHECK(cudaMemcpyAsync(offset.data(), plan.expert_offset.data(), offset.size() * sizeof(std::int64_t),
-                                      cudaMemcpyDeviceToHost, stream));
-      ctx.synchronize();
+      const std::vector<std::int64_t> offset = offsets_on_host(ctx, plan);
       for (int e = 0; e < E; ++e) {
         const std::int64_t r0 = offset[static_cast<std::size_t>(e)], r1 = offset[static_cast<std::size_t>(e) + 1];
         if (r0 == r1) continue;
@@ -663,6 +660,15 @@ class Layer<Config, Scalar, Cuda> {
     mk::combine_kernel<K, Scalar, Real><<<backend::cuda::blocks_for(N * C, kThreads), kThreads, 0, stream>>>(
         y, cache.expert_out.data(), plan.gate.data(), plan.row.data(), N, C);
     TMOE_CUDA_CHECK_LAUNCH("combine_kernel");
+  }
+
+  /// The dropless plan's E + 1 expert offsets on the host (one synchronization).
+  static std::vector<std::int64_t> offsets_on_host(CudaContext& ctx, const RoutingPlan<Real, Cuda>& plan) {
+    std::vector<std::int64_t> offset(static_cast<std::size_t>(E) + 1);
+    TMOE_CUDA_CHECK(cudaMemcpyAsync(offset.data(), plan.expert_offset.data(), offset.size() * sizeof(std::int64_t),
+                                    cudaMemcpyDeviceToHost, ctx.stream()));
+    ctx.synchronize();
+    return offset;
   }
 
   /// Blocks of expert_rows_kernel for one resident wave (its 70-100 registers a thread allow about 3-4 blocks of 256
@@ -1046,10 +1052,7 @@ class Layer<Config, Scalar, Cuda> {
                           cache.d_dispatched.data());
     } else {
       // Dropless: the expert sizes come to the host again (one synchronization), then each non-empty expert.
-      std::vector<std::int64_t> offset(static_cast<std::size_t>(E) + 1);
-      TMOE_CUDA_CHECK(cudaMemcpyAsync(offset.data(), plan.expert_offset.data(), offset.size() * sizeof(std::int64_t),
-                                      cudaMemcpyDeviceToHost, stream));
-      ctx.synchronize();
+      const std::vector<std::int64_t> offset = offsets_on_host(ctx, plan);
       for (int e = 0; e < E; ++e) {
         const std::int64_t r0 = offset[static_cast<std::size_t>(e)], r1 = offset[static_cast<std::size_t>(e) + 1];
         if (r0 < r1) {

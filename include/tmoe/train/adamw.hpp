@@ -49,6 +49,20 @@ struct AdamWOptions {
   double weight_decay = 0.0;  ///< λ >= 0, decoupled, multiplied by lr
 };
 
+namespace detail {
+/// The constructor checks of every AdamW: parameter names and shapes, then each option's range.
+template <class Scalar, DeviceTag Device>
+void check_adamw(const nn::ParameterRefs<Scalar, Device>& params, const AdamWOptions& options) {
+  static constexpr std::string_view kOp = "AdamW";
+  check_parameters(kOp, params);
+  check_non_negative(kOp, "lr", options.lr);
+  check_half_open(kOp, "beta1", options.beta1);
+  check_half_open(kOp, "beta2", options.beta2);
+  check_positive(kOp, "eps", options.eps);
+  check_non_negative(kOp, "weight_decay", options.weight_decay);
+}
+}  // namespace detail
+
 /// AdamW over a list of parameters on `Device`: the CPU one below, the CUDA one in train/cuda_adamw.cuh.
 /// @tparam Scalar float or double.
 template <std::floating_point Scalar, DeviceTag Device = Cpu>
@@ -65,13 +79,7 @@ class AdamW<Scalar, Cpu> {
   /// gradient's shape differs from its value's.
   explicit AdamW(nn::ParameterRefs<Scalar, Cpu> params, AdamWOptions options = {})
       : params_(std::move(params)), options_(options) {
-    static constexpr std::string_view kOp = "AdamW";
-    detail::check_parameters(kOp, params_);
-    detail::check_non_negative(kOp, "lr", options_.lr);
-    detail::check_half_open(kOp, "beta1", options_.beta1);
-    detail::check_half_open(kOp, "beta2", options_.beta2);
-    detail::check_positive(kOp, "eps", options_.eps);
-    detail::check_non_negative(kOp, "weight_decay", options_.weight_decay);
+    detail::check_adamw(params_, options_);
     m_.reserve(params_.size());
     v_.reserve(params_.size());
     for (const auto& p : params_) {

@@ -82,13 +82,7 @@ class AdamW<Scalar, Cuda> {
   /// shape differs from its value's.
   explicit AdamW(nn::ParameterRefs<Scalar, Cuda> params, AdamWOptions options = {})
       : params_(std::move(params)), options_(options) {
-    static constexpr std::string_view kOp = "AdamW";
-    detail::check_parameters(kOp, params_);
-    detail::check_non_negative(kOp, "lr", options_.lr);
-    detail::check_half_open(kOp, "beta1", options_.beta1);
-    detail::check_half_open(kOp, "beta2", options_.beta2);
-    detail::check_positive(kOp, "eps", options_.eps);
-    detail::check_non_negative(kOp, "weight_decay", options_.weight_decay);
+    detail::check_adamw(params_, options_);
     m_.reserve(params_.size());
     v_.reserve(params_.size());
     for (const auto& p : params_) {
