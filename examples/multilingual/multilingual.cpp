@@ -6,15 +6,20 @@
 //
 //   multilingual [--corpus DIR --tasks spa_Latn,ita_Latn,...] [--steps N] [--d-model C] [--d-ff F] [--layers L]
 //                [--heads H] [--max-tokens N] [--seed S] [--out DIR] [--models dense,token,...] [--threads T]
-//                [--append]
+//                [--append] [--save] [--resume] [--warmup N]
 //
 // Long runs can be split: `--models dense` now and `--append --models task` later, with the same data flags and
 // --out, give one table (rows of the same model are replaced). The table files are rewritten after each model.
+// With --save every model's checkpoint (parameters, AdamW state, step) goes to OUT/checkpoints/ when it finishes
+// training; --resume continues each model from its checkpoint up to --steps (the batch stream, dropout and learning
+// rate continue exactly as in one uninterrupted run, so give the same --warmup), which lets a model train longer in a
+// later session. --append and --resume reuse OUT/tokenizer.model, so token ids stay the same.
 //
 // Outputs in --out: results.csv, results.md (the table), curves.csv (validation loss by step), usage_decoder.csv
 // (the token/token model's decoder routing by task), the tokenizer, and (if Python with matplotlib is there) PNGs
 // drawn by plot.py beside this file.
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -45,6 +50,9 @@ struct Flags {
   std::uint64_t seed = 1;
   int threads = 2;
   bool append = false;  // keep the other models' rows of an earlier run in the same --out
+  bool save = false;    // write each model's checkpoint to OUT/checkpoints/ after training
+  bool resume = false;  // continue each model from its checkpoint in OUT/checkpoints/, if there is one
+  std::int64_t warmup = 0;  // learning-rate warmup steps; 0 = steps / 10
   std::string out = "multilingual-out";
   std::vector<std::string> models = {"dense", "token", "sentence", "task", "token-task", "student"};
 };
@@ -108,11 +116,17 @@ Flags parse(int argc, char** argv) {
       f.models = split_list(value(i));
     else if (a == "--append")
       f.append = true;
+    else if (a == "--save")
+      f.save = true;
+    else if (a == "--resume")
+      f.resume = true;
+    else if (a == "--warmup")
+      f.warmup = std::stoll(value(i));
     else if (a == "--help" || a == "-h") {
       std::printf(
           "usage: multilingual [--corpus DIR --tasks a,b,...] [--steps N] [--d-model C] [--d-ff F] "
           "[--layers L] [--heads H] [--max-tokens N] [--seed S] [--out DIR] [--models m,...] [--threads T] "
-          "[--append]\n"
+          "[--append] [--save] [--resume] [--warmup N]\n"
           "models: dense token sentence task token-task student\n");
       std::exit(0);
     } else {
@@ -175,7 +189,12 @@ Data prepare(const Flags& f) {
   const std::int64_t vocab = f.vocab > 0 ? f.vocab : (f.corpus.empty() ? 400 : 8000);
   Data d;
   d.tasks = train.tasks;
-  d.tokenizer = data::Tokenizer::train(lines, {.vocab_size = vocab, .tags = tags});
+  const fs::path saved = fs::path(f.out) / "tokenizer.model";
+  if ((f.append || f.resume) && fs::exists(saved)) {
+    d.tokenizer = data::Tokenizer::load(saved);  // the earlier run's ids, for its checkpoints and table
+  } else {
+    d.tokenizer = data::Tokenizer::train(lines, {.vocab_size = vocab, .tags = tags});
+  }
   d.train = encode_split(d.tokenizer, train, f.max_length, 0);
   d.dev = encode_split(d.tokenizer, dev, f.max_length, 64);
   d.test = encode_split(d.tokenizer, test, f.max_length, f.test_limit);
@@ -290,7 +309,32 @@ double train_model(CpuContext& ctx, const std::string& name, Model& model, const
   data::Batcher batcher(lengths, {.temperature = 5.0, .max_tokens = f.max_tokens, .seed = f.seed});
   auto params = model.parameter_refs();
   train::AdamW<float> opt(params, {.lr = 0.0, .weight_decay = 0.01});
-  const train::InverseSqrtSchedule schedule(2e-3, std::max<std::int64_t>(1, f.steps / 10));
+  const train::InverseSqrtSchedule schedule(2e-3, f.warmup > 0 ? f.warmup : std::max<std::int64_t>(1, f.steps / 10));
+  // A checkpoint of this model from an earlier run: continue after its step, with the batch stream where it stopped.
+  std::string slug;
+  for (char c : name) slug += std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
+  const fs::path checkpoint = fs::path(f.out) / "checkpoints" / (slug + ".safetensors");
+  // A student's checkpoint records its teacher's steps: distilled from another teacher, it starts again.
+  const std::map<std::string, std::string> teacher_meta =
+      teacher != nullptr ? std::map<std::string, std::string>{{"multilingual.teacher_steps", std::to_string(f.steps)}}
+                         : std::map<std::string, std::string>{};
+  bool resumable = f.resume && fs::exists(checkpoint);
+  if (resumable && teacher != nullptr) {
+    const auto meta = io::SafetensorsFile::read_header(checkpoint).metadata();
+    const auto it = meta.find("multilingual.teacher_steps");
+    resumable = it != meta.end() && it->second == std::to_string(f.steps);
+    if (!resumable) {
+      std::fprintf(stderr, "%s: %s was distilled from a teacher of another length; training from the start\n",
+                   name.c_str(), checkpoint.string().c_str());
+    }
+  }
+  std::int64_t first = 0;
+  if (resumable) {
+    first = std::min(train::load_checkpoint(checkpoint, model, opt), f.steps);
+    for (std::int64_t s = 0; s < first; ++s) static_cast<void>(batcher.next());
+    std::fprintf(stderr, "%s: resumed from %s at step %lld\n", name.c_str(), checkpoint.string().c_str(),
+                 static_cast<long long>(first));
+  }
   typename Model::Cache cache;
   typename Teacher::Cache teacher_cache;
   Tensor<float, Cpu> dlogits, teacher_probs;  // reused across steps: resize reallocates only when N * V changes
@@ -298,7 +342,7 @@ double train_model(CpuContext& ctx, const std::string& name, Model& model, const
   std::int64_t tokens = 0;
   double loss_window = 0;
   int window = 0;
-  for (std::int64_t step = 0; step < f.steps; ++step) {
+  for (std::int64_t step = first; step < f.steps; ++step) {
     const auto b = make_batch(d.train, batcher.next());
     model.forward(ctx, b.batch(), cache, {.training = true, .seed = f.seed, .step = static_cast<std::uint64_t>(step)});
     const std::int64_t N = b.target_out.numel(), V = model.config().vocab_size;
@@ -328,7 +372,7 @@ double train_model(CpuContext& ctx, const std::string& name, Model& model, const
     loss_window += loss;
     ++window;
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
-    const double remaining = elapsed / static_cast<double>(step + 1) * static_cast<double>(f.steps - step - 1);
+    const double remaining = elapsed / static_cast<double>(step + 1 - first) * static_cast<double>(f.steps - step - 1);
     std::fprintf(stderr, "\r%-12s step %5lld/%lld  loss %7.4f  %7.0f tok/s  %6.0f s elapsed  %6.0f s left   ",
                  name.c_str(), static_cast<long long>(step + 1), static_cast<long long>(f.steps), loss_window / window,
                  static_cast<double>(tokens) / std::max(elapsed, 1e-9), elapsed, remaining);
@@ -340,6 +384,10 @@ double train_model(CpuContext& ctx, const std::string& name, Model& model, const
     }
   }
   std::fprintf(stderr, "\n");
+  if (f.save && first < f.steps) {
+    fs::create_directories(checkpoint.parent_path());
+    train::save_checkpoint(checkpoint, model, opt, f.steps, teacher_meta);
+  }
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
