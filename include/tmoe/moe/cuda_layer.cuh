@@ -851,17 +851,6 @@ class Layer<Config, Scalar, Cuda> {
         cache.gate_row.data(), routes.top_idx, routes.weights, N, plan.expert.data(), plan.gate.data(),
         plan.dispatched.data());
     TMOE_CUDA_CHECK_LAUNCH("task_plan_kernel");
-    if (training) {
-      // Backward and the losses need every task's logits and probabilities.
-      const std::int64_t T = options_.num_tasks;
-      cache.logits.resize({T, E});
-      cache.probs.resize({T, E});
-      TMOE_CUDA_CHECK(cudaMemcpyAsync(cache.logits.data(), routes.logits, cache.logits.bytes(),
-                                      cudaMemcpyDeviceToDevice, stream));
-      TMOE_CUDA_CHECK(cudaMemcpyAsync(cache.probs.data(), routes.probs, cache.probs.bytes(), cudaMemcpyDeviceToDevice,
-                                      stream));
-      compute_losses(ctx, cache);
-    }
 
     // Ranges: maximal runs of one task (padding joins its run), or a stable counting sort by task.
     std::vector<std::int64_t> ranges;  // (begin, end, task) triples
@@ -992,6 +981,18 @@ class Layer<Config, Scalar, Cuda> {
     mk::zero_padding_rows_kernel<Scalar>
         <<<backend::cuda::blocks_for(N * C, kThreads), kThreads, 0, stream>>>(out.data(), cache.gate_row.data(), N, C);
     TMOE_CUDA_CHECK_LAUNCH("zero_padding_rows_kernel");
+    if (training) {
+      // Backward and the losses need every task's logits and probabilities. Last: the routes live in the workspace,
+      // which compute_losses carves again.
+      const std::int64_t T = options_.num_tasks;
+      cache.logits.resize({T, E});
+      cache.probs.resize({T, E});
+      TMOE_CUDA_CHECK(cudaMemcpyAsync(cache.logits.data(), routes.logits, cache.logits.bytes(),
+                                      cudaMemcpyDeviceToDevice, stream));
+      TMOE_CUDA_CHECK(cudaMemcpyAsync(cache.probs.data(), routes.probs, cache.probs.bytes(), cudaMemcpyDeviceToDevice,
+                                      stream));
+      compute_losses(ctx, cache);
+    }
   }
 
   // ---- backward ------------------------------------------------------------------------------------------------
