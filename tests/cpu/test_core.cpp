@@ -153,6 +153,53 @@ TEST_SUITE("ops_cpu") {
     }
   }
 
+  // c = a b^T with 2 to kStreamRows rows runs the streaming kernel: row blocks of 4 and their remainders, tiles of 32
+  // rows of b with the next tile prefetched (a partial last tile), k chunks of 512 with a partial last vector, and
+  // operands inside wider matrices (ld > cols), as the expert slabs use them. 513 rows is Eigen's again.
+  TEST_CASE_TEMPLATE("gemm_serial: the streaming x W^T kernel against double loops, strided operands", S, float,
+                     double) {
+    const double tol = std::is_same_v<S, float> ? 3e-6 : 1e-13;
+    using backend::cpu::MatrixRef;
+    for (const auto& mnk : {std::array<std::int64_t, 3>{2, 1, 1}, {3, 33, 15}, {5, 70, 17}, {7, 65, 512},
+                            {17, 97, 513}, {130, 31, 1100}, {4, 64, 1039}, {512, 37, 45}, {513, 29, 70},
+                            {backend::cpu::kStreamRows, 5, 16}}) {
+      const std::int64_t m = mnk[0], n = mnk[1], k = mnk[2], pad = 3;
+      Tensor<S, Cpu> a({m, k + pad}), b({n, k + pad}), c({m, n + pad});
+      test::fill_uniform<S>(a, 21);
+      test::fill_uniform<S>(b, 22);
+      test::fill_uniform<S>(c, 23);
+      const auto ad = test::to_double<S>(a), bd = test::to_double<S>(b), cd = test::to_double<S>(c);
+      for (const auto& [alpha, beta] : {std::pair<double, double>{1.0, 0.0}, {-0.5, 1.0}, {2.0, 0.25}}) {
+        Tensor<S, Cpu> out({m, n + pad});
+        std::memcpy(out.data(), c.data(), c.bytes());
+        backend::cpu::gemm_serial<S>(MatrixRef<S>{out.data(), m, n, n + pad},
+                                     MatrixRef<const S>{a.data(), m, k, k + pad}, Trans::kN,
+                                     MatrixRef<const S>{b.data(), n, k, k + pad}, Trans::kT, static_cast<S>(alpha),
+                                     static_cast<S>(beta));
+        double worst = 0, scale = 1e-3;
+        for (std::int64_t i = 0; i < m; ++i) {
+          for (std::int64_t j = 0; j < n + pad; ++j) {
+            const auto at = static_cast<std::size_t>(i * (n + pad) + j);
+            const double got = static_cast<double>(out.data()[at]);
+            if (j >= n) {  // the padding columns of c are never written
+              CHECK(got == cd[at]);
+              continue;
+            }
+            double s = 0;
+            for (std::int64_t p = 0; p < k; ++p) {
+              s += ad[static_cast<std::size_t>(i * (k + pad) + p)] * bd[static_cast<std::size_t>(j * (k + pad) + p)];
+            }
+            const double ref = alpha * s + beta * cd[at];
+            worst = std::max(worst, std::abs(got - ref));
+            scale = std::max(scale, std::abs(ref));
+          }
+        }
+        INFO("m=" << m << " n=" << n << " k=" << k << " alpha=" << alpha << " beta=" << beta);
+        CHECK(worst / scale < tol * std::sqrt(static_cast<double>(k)));
+      }
+    }
+  }
+
   TEST_CASE("gemm: shape mismatch names both operands") {
     CpuContext ctx;
     Tensor<float, Cpu> a({3, 4}), b({5, 6}), c({3, 6});

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #include "tmoe/backend/cpu/context.hpp"
 #include "tmoe/backend/cpu/eigen_map.hpp"
@@ -29,92 +30,177 @@ struct MatrixRef {
   std::int64_t rows, cols, ld;
 };
 
-/// Rows of `c = a * b^T` (2 up to this many) computed by streaming b instead of Eigen's GEMM. Eigen packs b into
-/// panels on every call and its micro-kernel wants many rows of a; with a few rows (decoding, tokens spread over
-/// many experts) packing costs as much as the arithmetic while the weights stream at memory speed anyway. One row
-/// goes to Eigen's GEMV, which already streams.
-inline constexpr std::int64_t kStreamRows = 16;
+/// The streaming kernel's register shape on this target: vectors of kVectorBytes, blocks of 4 rows of a by
+/// kBlockCols rows of b, so the 4 x kBlockCols accumulators, kBlockCols rows of b and one of a fit the register file
+/// (32 vector registers with AVX-512, 16 below it).
+#if defined(__AVX512F__)
+inline constexpr int kVectorBytes = 64, kBlockCols = 4;
+#elif defined(__AVX__)
+inline constexpr int kVectorBytes = 32, kBlockCols = 2;
+#else
+inline constexpr int kVectorBytes = 16, kBlockCols = 2;
+#endif
+
+/// Rows of `c = a * b^T` (2 up to this many) computed by the streaming kernel below instead of Eigen's GEMM. Eigen
+/// repacks b (a weight matrix, [out, in]) into panels on every call and its micro-kernel wants many rows of a; with
+/// few rows (decoding, tokens spread over many experts) packing costs as much as the arithmetic. The streaming kernel
+/// reads b as stored, once. `bench/gemm` measures both on one core (Zen 5): with AVX-512 the streaming kernel is
+/// faster from 2 rows up to 512 and within 10% either way at 1024; with AVX2 or SSE2 it is faster up to 64 rows and
+/// level at 128. One row goes to Eigen's GEMV, which already streams.
+#if defined(__AVX512F__)
+inline constexpr std::int64_t kStreamRows = 512;
+#else
+inline constexpr std::int64_t kStreamRows = 64;
+#endif
 
 namespace detail {
 
-/// A cache line of S as a GCC/Clang vector: one AVX-512 register, two AVX or four SSE ones, whatever the target
-/// has. Values of this type never cross a function boundary, which keeps the ABI independent of the target.
+/// One vector register of S as a GCC/Clang vector (kVectorBytes). Values of this type never cross a function
+/// boundary, which keeps the ABI independent of the target.
 template <class S>
 struct Lanes {
-  static constexpr int kCount = 64 / static_cast<int>(sizeof(S));
-  typedef S type __attribute__((vector_size(64)));  // NOLINT(modernize-use-using): the attribute needs typedef
+  static constexpr int kCount = kVectorBytes / static_cast<int>(sizeof(S));
+  typedef S type __attribute__((vector_size(kVectorBytes)));  // NOLINT(modernize-use-using): needs typedef
+  /// The same vector at the element's alignment, allowed to alias S: loads from any S* through it are plain
+  /// unaligned vector loads.
+  typedef S unaligned __attribute__((vector_size(kVectorBytes), aligned(alignof(S)), may_alias));  // NOLINT
 };
 
+/// v = the vector at p, pinned in a register by an empty asm: GCC otherwise folds the load into every FMA that uses
+/// it, re-reading each row of b RB times per step, and the kernel becomes load-bound (139 instead of 228 GFLOP/s on
+/// one Zen 5 core in cache).
+template <class S>
+inline void load_lanes(typename Lanes<S>::type& v, const S* p) {
+  typename Lanes<S>::type t = *reinterpret_cast<const typename Lanes<S>::unaligned*>(p);
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+x"(t));
+#endif
+  v = t;
+}
+
+/// Lane q of the fold of x and y, for groups of width W: x and y hold L / W groups of W partial sums each (one
+/// accumulator per group); the result holds 2 L / W groups of W / 2, x's groups first, each the sum of a group's
+/// two halves. Folding log2(L) times turns L accumulators into one vector of their L totals, in order.
+constexpr int fold_lane(int lanes, int width, bool upper, int q) {
+  const int half = width / 2, group = q / half, groups = lanes / width;
+  return (group < groups ? 0 : lanes) + (group % groups) * width + (upper ? half : 0) + q % half;
+}
+
+template <int W, class V, std::size_t... Q>
+inline void fold(V& out, const V& x, const V& y, std::index_sequence<Q...> /*lanes*/) {
+  constexpr int L = sizeof...(Q);
+  out = __builtin_shufflevector(x, y, fold_lane(L, W, false, Q)...) +
+        __builtin_shufflevector(x, y, fold_lane(L, W, true, Q)...);
+}
+
+/// v[0] = the totals of the L accumulators v[0, L), lane j the sum of v[j]'s lanes (a fixed tree: log2(L) levels of
+/// shuffles and adds instead of L sequential scalar sums per accumulator).
+template <int W, class S>
+inline void fold_all(typename Lanes<S>::type* v) {
+  constexpr int L = Lanes<S>::kCount;
+  for (int i = 0; i < W / 2; ++i) {  // W vectors in, W / 2 out
+    fold<W>(v[i], v[2 * i], v[2 * i + 1], std::make_index_sequence<L>{});
+  }
+  if constexpr (W > 2) fold_all<W / 2, S>(v);
+}
+
 /// c(i, j) = alpha * dot(a_i, b_j) + beta * c(i, j) for RB rows of a and FB rows of b. RB * FB vector accumulators
-/// take each loaded lane of b RB times and each lane of a FB times; lanes are summed once at the end, so the
-/// summation order is fixed and no fast-math is needed to vectorize.
+/// take each loaded lane of b RB times and each lane of a FB times; a tail shorter than a vector is zero-padded, and
+/// the lanes are summed by fold_all, so the summation order is fixed and no fast-math is needed to vectorize.
+///
+/// When `pf` is not null it points at FB other rows of b (stride ldb) that are prefetched towards L2, one cache line
+/// per row per vector step: the next tile's rows, requested while this one is computed.
 template <int RB, int FB, class S>
 inline void stream_block(S* c, std::int64_t ldc, const S* a, std::int64_t lda, const S* b, std::int64_t ldb,
-                         std::int64_t k, S alpha, S beta) {
+                         std::int64_t k, S alpha, S beta, const S* pf) {
   using V = typename Lanes<S>::type;
   constexpr int L = Lanes<S>::kCount;
-  V acc[RB][FB];
-  for (int i = 0; i < RB; ++i) {
-    for (int j = 0; j < FB; ++j) acc[i][j] = V{};
-  }
+  constexpr int N = RB * FB, Groups = (N + L - 1) / L;
+  V acc[Groups * L];
+  for (V& v : acc) v = V{};
+  constexpr std::int64_t kLine = 64 / sizeof(S);  // elements per cache line
   std::int64_t p = 0;
   for (; p + L <= k; p += L) {
+    if (pf != nullptr && p % kLine == 0) {
+      for (int j = 0; j < FB; ++j) __builtin_prefetch(pf + j * ldb + p, 0, 2);
+    }
     V bv[FB];
-    for (int j = 0; j < FB; ++j) std::memcpy(&bv[j], b + j * ldb + p, sizeof(V));
+    for (int j = 0; j < FB; ++j) load_lanes(bv[j], b + j * ldb + p);
     for (int i = 0; i < RB; ++i) {
       V av;
-      std::memcpy(&av, a + i * lda + p, sizeof(V));
-      for (int j = 0; j < FB; ++j) acc[i][j] += av * bv[j];
+      load_lanes(av, a + i * lda + p);
+      for (int j = 0; j < FB; ++j) acc[i * FB + j] += av * bv[j];
     }
   }
+  if (p < k) {  // the tail, zero-padded to a whole vector
+    const auto tail = static_cast<std::size_t>(k - p) * sizeof(S);
+    V bv[FB];
+    for (int j = 0; j < FB; ++j) {
+      bv[j] = V{};
+      std::memcpy(&bv[j], b + j * ldb + p, tail);
+    }
+    for (int i = 0; i < RB; ++i) {
+      V av{};
+      std::memcpy(&av, a + i * lda + p, tail);
+      for (int j = 0; j < FB; ++j) acc[i * FB + j] += av * bv[j];
+    }
+  }
+  for (int g = 0; g < Groups; ++g) fold_all<L, S>(acc + g * L);
   for (int i = 0; i < RB; ++i) {
     for (int j = 0; j < FB; ++j) {
-      S sum = 0;
-      for (int l = 0; l < L; ++l) sum += acc[i][j][l];
-      const S* at = a + i * lda + p;
-      const S* bt = b + j * ldb + p;
-      for (std::int64_t q = 0, tail = k - p; q < tail; ++q) sum += at[q] * bt[q];
+      const int n = i * FB + j;
+      const S sum = acc[n / L * L][n % L];
       S& dst = c[i * ldc + j];
       dst = beta == S(0) ? alpha * sum : alpha * sum + beta * dst;
     }
   }
 }
 
-/// Rows [i, i + RB) of a against every row of b, four rows of b at a time (RB x 4 accumulators: each loaded lane
-/// of a feeds four FMAs and each lane of b feeds RB).
+/// Rows [i, i + RB) of a against every row of b, kBlockCols rows of b at a time (RB x kBlockCols accumulators: each
+/// loaded lane of a feeds kBlockCols FMAs and each lane of b feeds RB). `pf`, when not null, is the next tile of b (pf_rows rows),
+/// prefetched block by block alongside. (Spreading those requests over all the passes of a tile measured slower.)
 template <int RB, class S>
-void stream_rows(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, std::int64_t i, S alpha, S beta) {
+void stream_rows(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, std::int64_t i, S alpha, S beta,
+                 const S* pf, std::int64_t pf_rows) {
+  auto block = [&]<int FB>(std::int64_t j) {
+    const S* pfj = pf != nullptr && j + FB <= pf_rows ? pf + j * b.ld : nullptr;
+    stream_block<RB, FB>(c.data + i * c.ld + j, c.ld, a.data + i * a.ld, a.ld, b.data + j * b.ld, b.ld, a.cols, alpha,
+                         beta, pfj);
+  };
   std::int64_t j = 0;
-  for (; j + 4 <= b.rows; j += 4) {
-    stream_block<RB, 4>(c.data + i * c.ld + j, c.ld, a.data + i * a.ld, a.ld, b.data + j * b.ld, b.ld, a.cols, alpha,
-                        beta);
+  for (; j + kBlockCols <= b.rows; j += kBlockCols) block.template operator()<kBlockCols>(j);
+  if constexpr (kBlockCols > 2) {
+    for (; j + 2 <= b.rows; j += 2) block.template operator()<2>(j);
   }
-  for (; j + 2 <= b.rows; j += 2) {
-    stream_block<RB, 2>(c.data + i * c.ld + j, c.ld, a.data + i * a.ld, a.ld, b.data + j * b.ld, b.ld, a.cols, alpha,
-                        beta);
-  }
-  if (j < b.rows) {
-    stream_block<RB, 1>(c.data + i * c.ld + j, c.ld, a.data + i * a.ld, a.ld, b.data + j * b.ld, b.ld, a.cols, alpha,
-                        beta);
-  }
+  if (j < b.rows) block.template operator()<1>(j);
 }
 
-/// c (m, n) = alpha * a (m, k) b (n, k)^T + beta * c for small m, without packing. b is walked in tiles of 32 rows
-/// that stay in L1/L2 while every block of 4 rows of a passes over them, so b is read from memory once.
+/// c (m, n) = alpha * a (m, k) b (n, k)^T + beta * c without packing. b is walked in tiles of 32 rows that stay in L2
+/// while every block of 4 rows of a passes over them, so b is read from memory once; the first block prefetches
+/// the next tile, so memory reads overlap the arithmetic. k is cut into chunks of 512 so a block's slice of a stays in
+/// L1 while the tile's slice streams from L2; each chunk after the first adds its partial sums into c (a fixed order).
 template <class S>
 void gemm_stream_abt(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, S alpha, S beta) {
-  constexpr std::int64_t kTile = 32;
+  constexpr std::int64_t kTile = 32, kChunk = 512;
   for (std::int64_t j0 = 0; j0 < b.rows; j0 += kTile) {
     const std::int64_t nt = std::min(b.rows - j0, kTile);
     const MatrixRef<S> ct{c.data + j0, c.rows, nt, c.ld};
-    const MatrixRef<const S> bt{b.data + j0 * b.ld, nt, b.cols, b.ld};
-    std::int64_t i = 0;
-    for (; i + 4 <= c.rows; i += 4) stream_rows<4>(ct, a, bt, i, alpha, beta);
-    switch (c.rows - i) {  // the remainder's block height is a compile-time constant too
-      case 3: stream_rows<3>(ct, a, bt, i, alpha, beta); break;
-      case 2: stream_rows<2>(ct, a, bt, i, alpha, beta); break;
-      case 1: stream_rows<1>(ct, a, bt, i, alpha, beta); break;
-      default: break;
+    const std::int64_t next_rows = std::min(b.rows - j0 - nt, kTile);
+    for (std::int64_t p0 = 0; p0 < a.cols; p0 += kChunk) {
+      const std::int64_t kc = std::min(a.cols - p0, kChunk);
+      const MatrixRef<const S> ac{a.data + p0, a.rows, kc, a.ld};
+      const MatrixRef<const S> bt{b.data + j0 * b.ld + p0, nt, kc, b.ld};
+      const S* next = next_rows > 0 ? b.data + (j0 + nt) * b.ld + p0 : nullptr;
+      const S beta_c = p0 == 0 ? beta : S(1);
+      std::int64_t i = 0;
+      for (; i + 4 <= c.rows; i += 4) stream_rows<4>(ct, ac, bt, i, alpha, beta_c, i == 0 ? next : nullptr, next_rows);
+      const S* pf = i == 0 ? next : nullptr;
+      switch (c.rows - i) {  // the remainder's block height is a compile-time constant too
+        case 3: stream_rows<3>(ct, ac, bt, i, alpha, beta_c, pf, next_rows); break;
+        case 2: stream_rows<2>(ct, ac, bt, i, alpha, beta_c, pf, next_rows); break;
+        case 1: stream_rows<1>(ct, ac, bt, i, alpha, beta_c, pf, next_rows); break;
+        default: break;
+      }
     }
   }
 }
