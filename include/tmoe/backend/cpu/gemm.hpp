@@ -86,11 +86,36 @@ constexpr int fold_lane(int lanes, int width, bool upper, int q) {
   return (group < groups ? 0 : lanes) + (group % groups) * width + (upper ? half : 0) + q % half;
 }
 
-template <int W, class V, std::size_t... Q>
-inline void fold(V& out, const V& x, const V& y, std::index_sequence<Q...> /*lanes*/) {
-  constexpr int L = sizeof...(Q);
-  out = __builtin_shufflevector(x, y, fold_lane(L, W, false, Q)...) +
-        __builtin_shufflevector(x, y, fold_lane(L, W, true, Q)...);
+/// The lane indices of one half of a fold, as a type.
+template <int L, int W, bool Upper, class Q>
+struct FoldLanes;
+template <int L, int W, bool Upper, int... Q>
+struct FoldLanes<L, W, Upper, std::integer_sequence<int, Q...>> {
+  using type = std::integer_sequence<int, fold_lane(L, W, Upper, Q)...>;
+};
+
+/// out = lanes I of the concatenation of x and y.
+template <class V, int... I>
+inline void shuffle_into(V& out, const V& x, const V& y, std::integer_sequence<int, I...> /*lanes*/) {
+#if defined(__CUDACC__)
+  // nvcc's host pass re-emits the pack expansion inside __builtin_shufflevector without its "...", so CPU code in a
+  // .cu file takes the same lanes one at a time (the same sums, only slower).
+  constexpr int L = static_cast<int>(sizeof...(I));
+  constexpr int lane[] = {I...};
+  V r = x;
+  for (int q = 0; q < L; ++q) r[q] = lane[q] < L ? x[lane[q]] : y[lane[q] - L];
+  out = r;
+#else
+  out = __builtin_shufflevector(x, y, I...);
+#endif
+}
+
+template <int W, class V, int L>
+inline void fold(V& out, const V& x, const V& y) {
+  V lo, hi;
+  shuffle_into(lo, x, y, typename FoldLanes<L, W, false, std::make_integer_sequence<int, L>>::type{});
+  shuffle_into(hi, x, y, typename FoldLanes<L, W, true, std::make_integer_sequence<int, L>>::type{});
+  out = lo + hi;
 }
 
 /// v[0] = the totals of the L accumulators v[0, L), lane j the sum of v[j]'s lanes (a fixed tree: log2(L) levels of
@@ -99,7 +124,7 @@ template <int W, class S>
 inline void fold_all(typename Lanes<S>::type* v) {
   constexpr int L = Lanes<S>::kCount;
   for (int i = 0; i < W / 2; ++i) {  // W vectors in, W / 2 out
-    fold<W>(v[i], v[2 * i], v[2 * i + 1], std::make_index_sequence<L>{});
+    fold<W, typename Lanes<S>::type, L>(v[i], v[2 * i], v[2 * i + 1]);
   }
   if constexpr (W > 2) fold_all<W / 2, S>(v);
 }
@@ -132,16 +157,16 @@ inline void stream_block(S* c, std::int64_t ldc, const S* a, std::int64_t lda, c
       for (int j = 0; j < FB; ++j) acc[i * FB + j] += av * bv[j];
     }
   }
-  if (p < k) {  // the tail, zero-padded to a whole vector
-    const auto tail = static_cast<std::size_t>(k - p) * sizeof(S);
+  if (p < k) {  // the tail, zero-padded to a whole vector (lane by lane: GCC cannot bound a memcpy of k - p bytes)
+    const std::int64_t tail = k - p;
     V bv[FB];
     for (int j = 0; j < FB; ++j) {
       bv[j] = V{};
-      std::memcpy(&bv[j], b + j * ldb + p, tail);
+      for (int q = 0; q < L && q < tail; ++q) bv[j][q] = b[j * ldb + p + q];
     }
     for (int i = 0; i < RB; ++i) {
       V av{};
-      std::memcpy(&av, a + i * lda + p, tail);
+      for (int q = 0; q < L && q < tail; ++q) av[q] = a[i * lda + p + q];
       for (int j = 0; j < FB; ++j) acc[i * FB + j] += av * bv[j];
     }
   }
