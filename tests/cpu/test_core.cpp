@@ -169,7 +169,8 @@ TEST_SUITE("ops_cpu") {
       test::fill_uniform<S>(b, 22);
       test::fill_uniform<S>(c, 23);
       const auto ad = test::to_double<S>(a), bd = test::to_double<S>(b), cd = test::to_double<S>(c);
-      for (const auto& [alpha, beta] : {std::pair<double, double>{1.0, 0.0}, {-0.5, 1.0}, {2.0, 0.25}}) {
+      for (const auto& ab : {std::pair<double, double>{1.0, 0.0}, {-0.5, 1.0}, {2.0, 0.25}}) {
+        const double alpha = ab.first, beta = ab.second;  // not a structured binding: clang 14 cannot capture those
         Tensor<S, Cpu> out({m, n + pad});
         std::memcpy(out.data(), c.data(), c.bytes());
         backend::cpu::gemm_serial<S>(MatrixRef<S>{out.data(), m, n, n + pad},
