@@ -53,52 +53,48 @@ void set_counters(benchmark::State& state, const Operands& op) {
                                                      benchmark::Counter::kIsRate);
 }
 
-void BM_Gemm_Serial(benchmark::State& state) {
-  Operands op(state.range(2), state.range(0), state.range(1));
+/// Times `call(op, weights)` for one operand set, cycling through the weight copies.
+template <class Call>
+void time_calls(benchmark::State& state, Operands& op, Call call) {
   int i = 0;
   for (auto _ : state) {
-    tmoe::backend::cpu::gemm_serial<float>(op.cref(), op.aref(), Trans::kN, op.bref(i), Trans::kT, 1.0f, 0.0f);
+    call(op.bref(i));
     benchmark::DoNotOptimize(op.c.data());
     i = (i + 1) % kCopies;
   }
   set_counters(state, op);
+}
+
+void BM_Gemm_Serial(benchmark::State& state) {
+  Operands op(state.range(2), state.range(0), state.range(1));
+  time_calls(state, op, [&](MatrixRef<const float> b) {
+    tmoe::backend::cpu::gemm_serial<float>(op.cref(), op.aref(), Trans::kN, b, Trans::kT, 1.0f, 0.0f);
+  });
 }
 
 void BM_Gemm_Stream(benchmark::State& state) {
   Operands op(state.range(2), state.range(0), state.range(1));
-  int i = 0;
-  for (auto _ : state) {
-    tmoe::backend::cpu::detail::gemm_stream_abt<float>(op.cref(), op.aref(), op.bref(i), 1.0f, 0.0f);
-    benchmark::DoNotOptimize(op.c.data());
-    i = (i + 1) % kCopies;
-  }
-  set_counters(state, op);
+  time_calls(state, op, [&](MatrixRef<const float> b) {
+    tmoe::backend::cpu::detail::gemm_stream_abt<float>(op.cref(), op.aref(), b, 1.0f, 0.0f);
+  });
 }
 
 void BM_Gemm_Eigen(benchmark::State& state) {
   Operands op(state.range(2), state.range(0), state.range(1));
-  int i = 0;
-  for (auto _ : state) {
-    const MatrixRef<const float> a = op.aref(), b = op.bref(i);
+  time_calls(state, op, [&](MatrixRef<const float> b) {
+    const MatrixRef<const float> a = op.aref();
     auto C = tmoe::backend::cpu::map(op.c.data(), op.m, op.n, op.n);
     C.noalias() = tmoe::backend::cpu::map(a.data, a.rows, a.cols, a.ld) *
                   tmoe::backend::cpu::map(b.data, b.rows, b.cols, b.ld).transpose();
-    benchmark::DoNotOptimize(op.c.data());
-    i = (i + 1) % kCopies;
-  }
-  set_counters(state, op);
+  });
 }
 
 void BM_Gemm_Parallel(benchmark::State& state) {
   Operands op(state.range(0), 512, 2048);
-  int i = 0;
-  for (auto _ : state) {
-    tmoe::backend::cpu::gemm_parallel<float>(tmoe_bench::context(), op.cref(), op.aref(), Trans::kN, op.bref(i),
-                                             Trans::kT, 1.0f, 0.0f);
-    benchmark::DoNotOptimize(op.c.data());
-    i = (i + 1) % kCopies;
-  }
-  set_counters(state, op);
+  time_calls(state, op, [&](MatrixRef<const float> b) {
+    tmoe::backend::cpu::gemm_parallel<float>(tmoe_bench::context(), op.cref(), op.aref(), Trans::kN, b, Trans::kT,
+                                             1.0f, 0.0f);
+  });
 }
 
 void serial_shapes(benchmark::internal::Benchmark* b) {
