@@ -33,7 +33,8 @@ struct Operands {
   std::int64_t m, k, n;
   Tensor<float, Cpu> a, c;
   std::vector<Tensor<float, Cpu>> b;
-  Operands(std::int64_t m_, std::int64_t k_, std::int64_t n_) : m(m_), k(k_), n(n_), a(tmoe::Shape{m_, k_}), c(tmoe::Shape{m_, n_}) {
+  Operands(std::int64_t m_, std::int64_t k_, std::int64_t n_)
+      : m(m_), k(k_), n(n_), a(tmoe::Shape{m_, k_}), c(tmoe::Shape{m_, n_}) {
     tmoe_bench::fill_normal(a.data(), a.numel(), 1, 0.5f);
     for (int i = 0; i < kCopies; ++i) {
       b.emplace_back(tmoe::Shape{n_, k_});

@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <string>
 #include <utility>
 
@@ -67,8 +66,8 @@ struct Lanes {
 };
 
 /// v = the vector at p, pinned in a register by an empty asm: GCC otherwise folds the load into every FMA that uses
-/// it, re-reading each row of b RB times per step, and the kernel becomes load-bound (139 instead of 228 GFLOP/s on
-/// one Zen 5 core in cache).
+/// it, re-reading each row of b RB times per step, and the kernel becomes load-bound (139 instead of 243 GFLOP/s on
+/// one Zen 5 core in cache, g++ 12).
 template <class S>
 inline void load_lanes(typename Lanes<S>::type& v, const S* p) {
   typename Lanes<S>::type t = *reinterpret_cast<const typename Lanes<S>::unaligned*>(p);
@@ -182,8 +181,9 @@ inline void stream_block(S* c, std::int64_t ldc, const S* a, std::int64_t lda, c
 }
 
 /// Rows [i, i + RB) of a against every row of b, kBlockCols rows of b at a time (RB x kBlockCols accumulators: each
-/// loaded lane of a feeds kBlockCols FMAs and each lane of b feeds RB). `pf`, when not null, is the next tile of b (pf_rows rows),
-/// prefetched block by block alongside. (Spreading those requests over all the passes of a tile measured slower.)
+/// loaded lane of a feeds kBlockCols FMAs and each lane of b feeds RB). `pf`, when not null, is the next tile of b
+/// (pf_rows rows), prefetched block by block alongside. (Spreading those requests over all the passes of a tile
+/// measured slower.)
 template <int RB, class S>
 void stream_rows(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, std::int64_t i, S alpha, S beta,
                  const S* pf, std::int64_t pf_rows) {
