@@ -145,7 +145,7 @@ TEST_SUITE("cli") {
     }
   }
 
-  TEST_CASE("extract writes the sub-network; decode gives the library's greedy and beam outputs") {
+  TEST_CASE("extract writes the sub-network, decode gives the library's greedy and beam outputs") {
     const auto full = full_model_file();
     const auto sub = tmp("cli_sub.safetensors");
     std::filesystem::remove(sub);

@@ -312,7 +312,7 @@ TEST_SUITE("moe_layer") {
     check_against_reference(*free, 1e-12);
   }
 
-  TEST_CASE("random second expert: fixed seed matches the reference; evaluation uses every choice") {
+  TEST_CASE("random second expert: fixed seed matches the reference, evaluation uses every choice") {
     using Cfg = moe::GShardPaper<route::Token, 5>;
     auto o = options(MoeOptions::Route::kToken, 5, 2);
     o.second_random = true;
@@ -378,7 +378,7 @@ TEST_SUITE("moe_layer") {
     check_against_reference(*r, 1e-12);
   }
 
-  TEST_CASE("K = E: every token uses every expert; with capacity >= N nothing is dropped") {
+  TEST_CASE("K = E: every token uses every expert, with capacity >= N nothing is dropped") {
     using Cfg = moe::Config<route::Token, Experts<3>, TopK<3>, CapacityFixed<1000>>;
     auto o = options(MoeOptions::Route::kToken, 3, 3);
     o.capacity = MoeOptions::Capacity::kFixed;
@@ -399,7 +399,7 @@ TEST_SUITE("moe_layer") {
     check_against_reference(*r, 1e-12);
   }
 
-  TEST_CASE("exact ties go to the lower expert index; K = E with uniform gates is the mean of the experts") {
+  TEST_CASE("exact ties go to the lower expert index, K = E with uniform gates is the mean of the experts") {
     using Cfg = moe::Config<route::Token, Experts<3>, TopK<3>, Dropless>;
     const std::int64_t N = 7, C = 5, F = 6;
     moe::Layer<Cfg, double, Cpu> layer({.d_model = C, .d_ff = F});
@@ -521,7 +521,7 @@ TEST_SUITE("moe_layer") {
     CHECK(r->cache.plan.rows() == 2 * (39 - 9));
   }
 
-  TEST_CASE("determinism: same thread count is bitwise identical; 1 vs 2 threads agree") {
+  TEST_CASE("determinism: same thread count is bitwise identical, 1 vs 2 threads agree") {
     using Cfg = moe::Config<route::Token, Experts<5>, TopK<2>, CapacityFactor<5, 4>>;
     auto o = options(MoeOptions::Route::kToken, 5, 2);
     o.capacity_factor = 1.25;

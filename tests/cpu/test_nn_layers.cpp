@@ -160,7 +160,7 @@ TEST_SUITE("nn") {
     }
   }
 
-  TEST_CASE("Linear: forward is x W^T + b; float agrees with double; names; init is seeded") {
+  TEST_CASE("Linear: forward is x W^T + b, float agrees with double, names, init is seeded") {
     CpuContext ctx{2};
     nn::Linear<double, Cpu> lin(C, F);
     lin.init(3);
@@ -786,7 +786,7 @@ TEST_SUITE("nn") {
     CHECK(double(diff_seed) / double(y.numel()) == doctest::Approx(2 * p * (1 - p)).epsilon(0.05));
   }
 
-  TEST_CASE("Dropout: backward applies the forward mask; identity when p == 0 or not training; errors") {
+  TEST_CASE("Dropout: backward applies the forward mask, identity when p == 0 or not training, errors") {
     CpuContext ctx;
     nn::Dropout<double, Cpu> drop(0.4);
     TD x = random_tensor({B, T, C}, 131), r = random_tensor({B, T, C}, 132), y({B, T, C}), dx({B, T, C});

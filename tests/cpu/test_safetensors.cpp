@@ -240,7 +240,7 @@ TEST_SUITE("io") {
     CHECK(SafetensorsFile::read(dir / "c.safetensors").metadata() == std::map<std::string, std::string>{{"k", "v"}});
   }
 
-  TEST_CASE("read_header: names, shapes and metadata without the data; truncation still detected") {
+  TEST_CASE("read_header: names, shapes and metadata without the data, truncation still detected") {
     const fs::path dir = fresh_dir("header_only");
     Tensor<float, Cpu> a({3, 5}), b({7});
     for (std::int64_t i = 0; i < 15; ++i) a.data()[i] = static_cast<float>(i);

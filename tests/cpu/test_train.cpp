@@ -508,7 +508,7 @@ TEST_SUITE("train") {
     }
   }
 
-  TEST_CASE("distillation_loss: zero KL and gradient when the student matches the teacher; finite differences") {
+  TEST_CASE("distillation_loss: zero KL and gradient when the student matches the teacher, finite differences") {
     const std::int64_t n = 10, v = 8;
     CpuContext ctx{2};
     Tensor<double, Cpu> logits({n, v}), teacher({n, v}), dlogits({n, v});
@@ -669,7 +669,7 @@ TEST_SUITE("train") {
     }
   }
 
-  TEST_CASE("Adafactor: factored and unfactored agree when G² has rank one; a rank-1 parameter") {
+  TEST_CASE("Adafactor: factored and unfactored agree when G² has rank one, a rank-1 parameter") {
     // With g_ij = a_i b_j, R C / ΣR reproduces g_ij² exactly (up to ε1 and rounding), so at t = 1 both estimators
     // give U = sign(G) and the update is -α sign(G).
     CpuContext ctx{2};

@@ -95,7 +95,7 @@ TEST_SUITE("cuda.backend") {
     }
   }
 
-  TEST_CASE("gemm: shape mismatches throw before anything runs; empty extents are no-ops") {
+  TEST_CASE("gemm: shape mismatches throw before anything runs, empty extents are no-ops") {
     CudaContext ctx;
     Tensor<float, Cuda> a({4, 5}), b({6, 7}), c({4, 7});
     CHECK_THROWS_AS(Ops<Cuda>::gemm<float>(ctx, c.view(), a.cview(), Trans::kN, b.cview(), Trans::kN), ShapeError);

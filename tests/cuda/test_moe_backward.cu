@@ -105,7 +105,7 @@ using TaskCfg = moe::Config<route::Task, Experts<E>, TopK<2>>;  // dropless, eve
 }  // namespace
 
 TEST_SUITE("cuda.moe") {
-  TEST_CASE("backward, token routing with a capacity limit (E = 5, 32, 160; groups; drops)") {
+  TEST_CASE("backward, token routing with a capacity limit (E = 5, 32, 160, groups, drops)") {
     compare_backward<TokenCap<5>>(40, 72, 0, make_batch(3, 29, 40, 1, true, false, 0));
     compare_backward<TokenCap<32>>(40, 72, 24, make_batch(5, 23, 40, 2, true, false, 0));
     compare_backward<TokenCap<160>>(48, 40, 0, make_batch(4, 37, 48, 3, false, false, 0));

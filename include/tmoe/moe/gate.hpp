@@ -173,18 +173,18 @@ void build_plan(CpuContext& ctx, RoutingPlan<Real, Cpu>& plan, ConstTensorView<R
     }
   }
 
-  // 6. Final weights.
-  for (std::int64_t n = 0; n < N; ++n) {
-    if (expert[n * K] < 0) {
-      for (int j = 0; j < K; ++j) gate[n * K + j] = 0;
-      continue;
+  // 6. Final weights. Padding tokens have nothing dispatched, so the same expressions give them zeros. (No branch
+  // on padding: g++ 12 at -O3 with AVX-512 vectorized the per-token form with that branch into masked loads that
+  // took other arrays' values for some second choices; tests/cpu/test_gate_native.cpp builds this with
+  // -march=native to keep it honest.)
+  if constexpr (std::is_same_v<Norm, NoNormalize>) {
+    for (std::int64_t i = 0; i < N * K; ++i) {
+      gate[i] = disp[i] ? probs.data()[static_cast<std::int64_t>(gate_row[i / K]) * E + expert[i]] : Real(0);
     }
-    if constexpr (std::is_same_v<Norm, NoNormalize>) {
-      const Real* p = probs.data() + static_cast<std::int64_t>(gate_row[n]) * E;
-      for (int j = 0; j < K; ++j) gate[n * K + j] = disp[n * K + j] ? p[expert[n * K + j]] : Real(0);
-    } else if constexpr (std::is_same_v<Norm, NormalizeBeforeDrop>) {
-      for (int j = 0; j < K; ++j) gate[n * K + j] = disp[n * K + j] ? norm[static_cast<std::size_t>(n * K + j)] : Real(0);
-    } else {
+  } else if constexpr (std::is_same_v<Norm, NormalizeBeforeDrop>) {
+    for (std::int64_t i = 0; i < N * K; ++i) gate[i] = disp[i] ? norm[static_cast<std::size_t>(i)] : Real(0);
+  } else {
+    for (std::int64_t n = 0; n < N; ++n) {
       Real d = 0;
       for (int j = 0; j < K; ++j) d += disp[n * K + j] ? norm[static_cast<std::size_t>(n * K + j)] : Real(0);
       for (int j = 0; j < K; ++j) {
