@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../test_util.hpp"
@@ -551,6 +553,48 @@ TEST_SUITE("nn") {
     CHECK(test::to_double<double>(dx3.cview()) == test::to_double<double>(dx3b.cview()));
     CHECK(test::rel_error(y3.data(), y.data(), y.numel()) < 1e-14);
     CHECK(test::rel_error(dx3.data(), dx.data(), dx.numel()) < 1e-14);
+  }
+
+  TEST_CASE_TEMPLATE("MultiHeadAttention: decoding steps equal forward at every position, heads of whole vectors "
+                     "and tails, more keys than a block",
+                     S, double, float) {
+    // Head widths 70 and 40 and 37 keys cover the step attention's whole-vector chunks, their tails and key blocks
+    // (16 float lanes with AVX-512) with keys left over; forward() is checked against plain loops above.
+    const double tol = std::is_same_v<S, double> ? 1e-12 : 1e-5;
+    for (const auto& shape : {std::pair<std::int64_t, std::int64_t>{140, 2}, {120, 3}}) {
+      const std::int64_t Cw = shape.first, Hw = shape.second;
+      CAPTURE(Cw);
+      CpuContext ctx(2);
+      constexpr std::int64_t Bw = 2, Tw = 37, Sw = 37;
+      nn::MultiHeadAttention<S, Cpu> attn({.d_model = Cw, .heads = Hw});
+      attn.init(91);
+      Tensor<S, Cpu> x({Bw, Tw, Cw}), memory({Bw, Sw, Cw}), y({Bw, Tw, Cw}), yc({Bw, Tw, Cw});
+      test::fill_uniform<S>(x.view(), 92);
+      test::fill_uniform<S>(memory.view(), 93);
+      TI pad({Bw, Sw});
+      for (std::int64_t b = 0; b < Bw; ++b) {
+        for (std::int64_t j = 0; j < Sw; ++j) pad.view()(b, j) = (j % 5 == 4 || (b == 1 && j >= 30)) ? 0 : 1;
+      }
+      typename nn::MultiHeadAttention<S, Cpu>::Cache cache;
+      attn.forward(ctx, {.x = x, .causal = true}, y, cache);
+      attn.forward(ctx, {.x = x, .memory = memory, .key_padding = pad}, yc, cache);
+
+      nn::KvCache<S, Cpu> self_kv, cross_kv;
+      nn::MultiHeadAttention<S, Cpu>::reserve(self_kv, Bw, Tw, Cw);
+      attn.project_memory(ctx, memory, cross_kv);
+      nn::AttentionStepWork<S, Cpu> work;
+      Tensor<S, Cpu> xt({Bw, Cw}), out({Bw, Cw}), want({Bw, Cw});
+      for (std::int64_t t = 0; t < Tw; ++t) {
+        CAPTURE(t);
+        for (std::int64_t b = 0; b < Bw; ++b) std::copy_n(x.data() + (b * Tw + t) * Cw, Cw, xt.data() + b * Cw);
+        attn.step_self(ctx, xt, self_kv, out, work);
+        for (std::int64_t b = 0; b < Bw; ++b) std::copy_n(y.data() + (b * Tw + t) * Cw, Cw, want.data() + b * Cw);
+        CHECK(test::rel_error<S>(out, want) < tol);
+        attn.step_cross(ctx, xt, cross_kv, pad, out, work);
+        for (std::int64_t b = 0; b < Bw; ++b) std::copy_n(yc.data() + (b * Tw + t) * Cw, Cw, want.data() + b * Cw);
+        CHECK(test::rel_error<S>(out, want) < tol);
+      }
+    }
   }
 
   TEST_CASE("MultiHeadAttention: names, init and errors") {

@@ -428,24 +428,81 @@ class MultiHeadAttention<Scalar, Cpu> {
       const std::int64_t b = bh / H, h = bh % H;
       const Scalar* qr = q + b * C + h * D;
       Scalar* s = scores + bh * L;
-      for (std::int64_t j = 0; j < n; ++j) {
-        s[j] = dot(qr, k + (b * L + j) * C + h * D, D) * scale;
-      }
+      key_scores(qr, k + b * L * C + h * D, C, n, D, scale, s);
       masked_softmax_row(s, n, n, pad ? pad + b * L : nullptr);
-      Scalar* o = attn + b * C + h * D;
-      std::fill_n(o, D, Scalar(0));
-      for (std::int64_t j = 0; j < n; ++j) {
-        const Scalar p = s[j];
-        if (p == Scalar(0)) continue;
-        const Scalar* vr = v + (b * L + j) * C + h * D;
-        for (std::int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
-      }
+      weighted_sum(s, v + b * L * C + h * D, C, n, D, attn + b * C + h * D);
     });
     o_proj_.forward(ctx, w.attn, y, w.proj);
   }
 
-  // x . y over n elements: one cache line of lanes at a time (the GEMM kernel's vector type), lanes summed in a
-  // fixed order at the end, so it vectorizes without reassociation flags and stays deterministic.
+  // s[j] = scale * q . k_j for the n keys k_j = k + j * ldk, D elements each. Blocks of kLanes keys take one vector
+  // accumulator each, and the shuffle tree of the streaming GEMM (fold_all) sums all their lanes at once, so a score
+  // costs D / kLanes FMAs and a share of one fold instead of a lane-by-lane sum of its own. The order of every sum is
+  // fixed (vector chunks, then the fold, then the D % kLanes tail), so the result is deterministic. Keys past the
+  // last whole block go through dot().
+  static void key_scores(const Scalar* q, const Scalar* k, std::int64_t ldk, std::int64_t n, std::int64_t D,
+                         Scalar scale, Scalar* s) {
+    using backend::cpu::detail::load_lanes;
+    using V = typename backend::cpu::detail::Lanes<Scalar>::type;
+    constexpr int kLanes = backend::cpu::detail::Lanes<Scalar>::kCount;
+    const std::int64_t Dv = D / kLanes * kLanes;
+    std::int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      V acc[kLanes];
+      for (V& a : acc) a = V{};
+      for (std::int64_t d = 0; d < Dv; d += kLanes) {
+        V qv;
+        load_lanes(qv, q + d);
+        for (int t = 0; t < kLanes; ++t) {
+          V kv;
+          load_lanes(kv, k + (j + t) * ldk + d);
+          acc[t] += qv * kv;
+        }
+      }
+      backend::cpu::detail::fold_all<kLanes, Scalar>(acc);
+      for (int t = 0; t < kLanes; ++t) {
+        Scalar sum = acc[0][t];
+        for (std::int64_t d = Dv; d < D; ++d) sum += q[d] * k[(j + t) * ldk + d];
+        s[j + t] = sum * scale;
+      }
+    }
+    for (; j < n; ++j) s[j] = dot(q, k + j * ldk, D) * scale;
+  }
+
+  // o (D) = sum over the n keys of p[j] * v_j, v_j = v + j * ldv, keys with p[j] == 0 skipped. Four vectors of o at
+  // a time stay in registers across all the keys (four independent FMA chains), then single vectors, then the
+  // D % kLanes tail; each element sums its keys in order.
+  static void weighted_sum(const Scalar* p, const Scalar* v, std::int64_t ldv, std::int64_t n, std::int64_t D,
+                           Scalar* o) {
+    using backend::cpu::detail::load_lanes;
+    using V = typename backend::cpu::detail::Lanes<Scalar>::type;
+    constexpr int kLanes = backend::cpu::detail::Lanes<Scalar>::kCount;
+    auto chunks = [&]<int W>(std::int64_t d) {
+      V acc[W];
+      for (V& a : acc) a = V{};
+      for (std::int64_t j = 0; j < n; ++j) {
+        if (p[j] == Scalar(0)) continue;
+        const V pj = V{} + p[j];
+        for (int w = 0; w < W; ++w) {
+          V vv;
+          load_lanes(vv, v + j * ldv + d + w * kLanes);
+          acc[w] += pj * vv;
+        }
+      }
+      for (int w = 0; w < W; ++w) std::memcpy(o + d + w * kLanes, &acc[w], sizeof(V));
+    };
+    std::int64_t d = 0;
+    for (; d + 4 * kLanes <= D; d += 4 * kLanes) chunks.template operator()<4>(d);
+    for (; d + kLanes <= D; d += kLanes) chunks.template operator()<1>(d);
+    for (; d < D; ++d) {
+      Scalar sum = 0;
+      for (std::int64_t j = 0; j < n; ++j) sum += p[j] == Scalar(0) ? Scalar(0) : p[j] * v[j * ldv + d];
+      o[d] = sum;
+    }
+  }
+
+  // x . y over n elements, one vector of lanes at a time, the lanes then summed in order (the scores of keys past
+  // the last whole block of kLanes).
   static Scalar dot(const Scalar* x, const Scalar* y, std::int64_t n) {
     using V = typename backend::cpu::detail::Lanes<Scalar>::type;
     constexpr int kLanes = backend::cpu::detail::Lanes<Scalar>::kCount;
