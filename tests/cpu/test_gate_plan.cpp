@@ -108,7 +108,9 @@ RefPlan reference_plan(const std::vector<float>& probs, const std::vector<std::i
       const auto i = static_cast<std::size_t>(n * K + j);
       if (!r.dispatched[i]) continue;
       const float* p = probs.data() + static_cast<std::int64_t>(gate_row[static_cast<std::size_t>(n)]) * E;
-      r.gate[i] = norm == Norm::kNone ? p[r.expert[i]] : norm == Norm::kBefore ? normalized[i] : normalized[i] / kept_sum;
+      r.gate[i] = norm == Norm::kNone     ? p[r.expert[i]]
+                  : norm == Norm::kBefore ? normalized[i]
+                                          : normalized[i] / kept_sum;
     }
   }
   // Rows: expert-major, and within an expert k-major then token order.
@@ -116,7 +118,7 @@ RefPlan reference_plan(const std::vector<float>& probs, const std::vector<std::i
     if (r.dispatched[i]) ++r.count[static_cast<std::size_t>(r.expert[i])];
   }
   std::vector<std::int64_t> next(static_cast<std::size_t>(E), 0);
-  for (int e = 1; e < E; ++e) next[static_cast<std::size_t>(e)] = next[static_cast<std::size_t>(e) - 1] + r.count[static_cast<std::size_t>(e) - 1];
+  for (std::size_t e = 1; e < next.size(); ++e) next[e] = next[e - 1] + r.count[e - 1];
   const std::int64_t R = next.back() + r.count.back();
   r.row_token.assign(static_cast<std::size_t>(R), -1);
   r.row_choice.assign(static_cast<std::size_t>(R), -1);

@@ -175,7 +175,7 @@ void build_plan(CpuContext& ctx, RoutingPlan<Real, Cpu>& plan, ConstTensorView<R
 
   // 6. Final weights. Padding tokens have nothing dispatched, so the same expressions give them zeros. (No branch
   // on padding: g++ 12 at -O3 with AVX-512 vectorized the per-token form with that branch into masked loads that
-  // took other arrays' values for some second choices; tests/cpu/test_gate_native.cpp builds this with
+  // took other arrays' values for some second choices; tmoe_tests_native builds tests/cpu/test_gate_plan.cpp with
   // -march=native to keep it honest.)
   if constexpr (std::is_same_v<Norm, NoNormalize>) {
     for (std::int64_t i = 0; i < N * K; ++i) {
