@@ -6,8 +6,8 @@
 //   BM_Dense/d_ff:F              y = wo relu(wi x), F = 2048 (one expert) and 4096 (the active width of top-2)
 //   BM_MoE_Token/E:E             token routing, Dropless (all 2N rows computed)
 //   BM_MoE_TokenCapacity/E:32    token routing with CapacityFactor<5, 4>, for reference
-//   BM_Stage_TokenGating/E:32    router GEMM + softmax + build_plan only (the gating stage)
-//   BM_Stage_TokenExperts/E:32   experts_forward only, on a forward's own plan and gathered rows
+//   BM_Stage_TokenGating/E:32    router GEMM + softmax + build_plan only (the gating stage), at 64 and 4096 tokens
+//   BM_Stage_TokenExperts/E:32   experts_forward only, on a forward's own plan and gathered rows, at 64 and 4096 tokens
 //   BM_MoE_Sentence/E:E          sentence routing, Dropless, rows of 32 tokens (one row of N when N < 32)
 //   BM_MoE_Task/E:E              task routing, one task for the whole batch (4 tasks in the embedding)
 //   BM_MoE_Task4/E:E             task routing, 4 contiguous tasks of N/4 tokens each
@@ -302,8 +302,8 @@ void add_expert_count(const std::string& family, Feed feed) {
   add_layer<Cfg<E>>(family, feed, {1, 8, 64, 512, 4096});
   if (feed == Feed::kOneTask) add_layer<Cfg<E>>("BM_MoE_Task4", Feed::kFourTasks, {512, 4096});
   if (feed == Feed::kTokens && E == 32) {  // the stage breakdown reuses the E=32 layer before it is freed
-    add("BM_Stage_TokenGating/E:32", BM_Stage_TokenGating<32>)->ArgName("tokens")->Arg(4096);
-    add("BM_Stage_TokenExperts/E:32", BM_Stage_TokenExperts<32>)->ArgName("tokens")->Arg(4096);
+    add("BM_Stage_TokenGating/E:32", BM_Stage_TokenGating<32>)->ArgName("tokens")->Arg(64)->Arg(4096);
+    add("BM_Stage_TokenExperts/E:32", BM_Stage_TokenExperts<32>)->ArgName("tokens")->Arg(64)->Arg(4096);
     add_layer<TokenCapacityCfg<32>>("BM_MoE_TokenCapacity", feed, {4096});
   }
 }
