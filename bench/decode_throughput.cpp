@@ -8,10 +8,15 @@
 // Models: 6+6 layers, d_model 512, d_ff 2048, 8 heads, vocabulary 8192, sources of 32 tokens, float, 2 threads:
 //   dense            nn::DenseTransformer, d_ff 2048
 //   dense_2F         nn::DenseTransformer, d_ff 4096 (the active width of a top-2 MoE layer)
-//   token_token_E    nn::TokenToken<E>: MoE in every other block of both stacks, E = 32 and 128
-//   token_task_E     nn::TokenTask<E>, run as the full model, every sequence of task 0
-//   subnet_E         extract::subnetwork_t<nn::TokenTask<E>> for task 0 (its decoder MoE layers folded into dense
+//   token_token_E    TokenToken<E>: MoE in every other block of both stacks, E = 32 and 128
+//   token_task_E     TokenTask<E>, run as the full model, every sequence of task 0
+//   subnet_E         extract::subnetwork_t<TokenTask<E>> for task 0 (its decoder MoE layers folded into dense
 //                    FFNs of width 2 * 2048)
+// TokenToken and TokenTask are the library's nn::TokenToken and nn::TokenTask with Dropless token-routed stacks
+// instead of capacity 2S/E, so every model computes all its tokens, as a trained, balanced router nearly would. With
+// capacity 2S/E, a decoding step's group is the batch: 2 x 8 / 32 = 0.5 slot per expert at batch 8, and this
+// untrained router sends the batch to about half the experts, so token/token kept only 24% to 33% of its top-2
+// rows from batch 8 up (kept_rows, bench/RESULTS.md) and its throughput counted work it never did.
 // Batch sizes 1, 2, 4, ..., 512 sequences.
 //
 // Counters: tokens/s (target tokens decoded per second, encoder time included), step_ms (the batch's time over its
@@ -20,7 +25,8 @@
 // the experts that received at least one row, counted from the routing plans), the KV cache it read and the logits
 // it wrote, over the read bandwidth; and its FLOPs over the GEMM rate; a phase's bound is the larger of the two, and
 // roofline_frac = sum of the bounds / measured time. touched_experts is the mean number of experts a decoder MoE
-// layer reads per step. Both ceilings are measured in this binary (ceilings.hpp). That untimed pass uses the decode
+// layer reads per step; kept_rows the share of a token-routed decoder MoE layer's top-k assignments that its capacity
+// lets through (1 elsewhere). Both ceilings are measured in this binary (ceilings.hpp). That untimed pass uses the decode
 // state the timed batches then reuse, so they measure steady-state decoding, not the first touch of its buffers.
 //
 // Weights are random (a fast counter-based uniform init with each layer's usual scale), so routing is that of an
@@ -39,6 +45,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <tmoe/tmoe.hpp>
@@ -54,6 +61,15 @@ namespace extract = tmoe::extract;
 constexpr std::int64_t kVocab = 8192, kModelDim = 512, kFF = 2048, kHeads = 8, kLayers = 6;
 constexpr std::int64_t kLength = 32;  // source tokens and target tokens per sequence
 constexpr std::int64_t kTestSet = 512;
+
+// The paper's combinations with Dropless token routing (see the header comment).
+template <int E>
+using TokenStack =
+    nn::MoeEvery<2, tmoe::moe::Config<tmoe::route::Token, tmoe::Experts<E>, tmoe::TopK<2>, tmoe::Dropless>>;
+template <int E>
+using TokenToken = nn::Transformer<TokenStack<E>, TokenStack<E>, float, Cpu>;
+template <int E>
+using TokenTask = nn::Transformer<TokenStack<E>, nn::TaskStack<E>, float, Cpu>;
 constexpr std::int32_t kTask = 0;
 
 nn::TransformerConfig config(std::int64_t d_ff = kFF) {
@@ -115,6 +131,7 @@ struct Phase {
 struct Roofline {
   std::vector<Phase> phases;
   double touched_per_layer_step = 0;  // decoder MoE layers: mean experts with >= 1 row per step
+  double kept_rows = 1;               // token-routed decoder MoE layers: rows computed / (top-k x tokens)
   [[nodiscard]] double seconds(const Ceilings& c) const {
     double s = 0;
     for (const auto& p : phases) s += std::max(p.bytes / c.read_bytes_per_s, p.flops / c.gemm_flops_per_s);
@@ -195,7 +212,7 @@ Roofline measure_roofline(const Model& model, std::int64_t B, typename Model::De
   tmoe::Tensor<float, Cpu> logits({B, kVocab});
   std::vector<std::int32_t> argmax(static_cast<std::size_t>(B));
   Roofline r;
-  double touched_sum = 0;
+  double touched_sum = 0, rows_sum = 0, slots_sum = 0;
   std::int64_t touched_n = 0;
   const double N = static_cast<double>(B) * S;
   auto account = [&](std::int64_t t) {
@@ -233,6 +250,10 @@ Roofline measure_roofline(const Model& model, std::int64_t B, typename Model::De
                     touched, rows);
           touched_sum += static_cast<double>(touched);
           ++touched_n;
+          if constexpr (std::is_same_v<typename Dec::moe_config::route_type, tmoe::route::Token>) {
+            rows_sum += static_cast<double>(rows);
+            slots_sum += static_cast<double>(Dec::moe_config::top_k * B);
+          }
         }
       }
       Phase f;
@@ -246,6 +267,7 @@ Roofline measure_roofline(const Model& model, std::int64_t B, typename Model::De
   };
   forced_decode(model, source, tasks, 0, st, inputs, logits, argmax, account);
   r.touched_per_layer_step = touched_n ? touched_sum / static_cast<double>(touched_n) : 0.0;
+  if (slots_sum > 0) r.kept_rows = rows_sum / slots_sum;
   return r;
 }
 
@@ -319,6 +341,7 @@ void run_case(benchmark::State& state, Model& model) {
   state.counters["roofline_ms"] = 1e3 * bound / kLength;
   state.counters["roofline_frac"] = bound / per_batch;
   state.counters["touched_experts"] = roof.touched_per_layer_step;
+  state.counters["kept_rows"] = roof.kept_rows;
 }
 
 template <class Model>
@@ -344,23 +367,23 @@ void register_all() {
   add("dense", std::function<std::shared_ptr<Dense>()>([] { return make_full<Dense>(); }), static_cast<Dense*>(nullptr));
   add("dense_2F", std::function<std::shared_ptr<Dense>()>([] { return make_full<Dense>(2 * kFF); }),
       static_cast<Dense*>(nullptr));
-  add("subnet_32", std::function<std::shared_ptr<extract::subnetwork_t<nn::TokenTask<32>>>()>(
-                       [] { return make_sub<nn::TokenTask<32>>(); }),
-      static_cast<extract::subnetwork_t<nn::TokenTask<32>>*>(nullptr));
-  add("token_task_32", std::function<std::shared_ptr<nn::TokenTask<32>>()>([] { return make_full<nn::TokenTask<32>>(); }),
-      static_cast<nn::TokenTask<32>*>(nullptr));
+  add("subnet_32", std::function<std::shared_ptr<extract::subnetwork_t<TokenTask<32>>>()>(
+                       [] { return make_sub<TokenTask<32>>(); }),
+      static_cast<extract::subnetwork_t<TokenTask<32>>*>(nullptr));
+  add("token_task_32", std::function<std::shared_ptr<TokenTask<32>>()>([] { return make_full<TokenTask<32>>(); }),
+      static_cast<TokenTask<32>*>(nullptr));
   add("token_token_32",
-      std::function<std::shared_ptr<nn::TokenToken<32>>()>([] { return make_full<nn::TokenToken<32>>(); }),
-      static_cast<nn::TokenToken<32>*>(nullptr));
-  add("subnet_128", std::function<std::shared_ptr<extract::subnetwork_t<nn::TokenTask<128>>>()>(
-                        [] { return make_sub<nn::TokenTask<128>>(); }),
-      static_cast<extract::subnetwork_t<nn::TokenTask<128>>*>(nullptr));
+      std::function<std::shared_ptr<TokenToken<32>>()>([] { return make_full<TokenToken<32>>(); }),
+      static_cast<TokenToken<32>*>(nullptr));
+  add("subnet_128", std::function<std::shared_ptr<extract::subnetwork_t<TokenTask<128>>>()>(
+                        [] { return make_sub<TokenTask<128>>(); }),
+      static_cast<extract::subnetwork_t<TokenTask<128>>*>(nullptr));
   add("token_task_128",
-      std::function<std::shared_ptr<nn::TokenTask<128>>()>([] { return make_full<nn::TokenTask<128>>(); }),
-      static_cast<nn::TokenTask<128>*>(nullptr));
+      std::function<std::shared_ptr<TokenTask<128>>()>([] { return make_full<TokenTask<128>>(); }),
+      static_cast<TokenTask<128>*>(nullptr));
   add("token_token_128",
-      std::function<std::shared_ptr<nn::TokenToken<128>>()>([] { return make_full<nn::TokenToken<128>>(); }),
-      static_cast<nn::TokenToken<128>*>(nullptr));
+      std::function<std::shared_ptr<TokenToken<128>>()>([] { return make_full<TokenToken<128>>(); }),
+      static_cast<TokenToken<128>*>(nullptr));
 }
 
 const bool registered = [] {
