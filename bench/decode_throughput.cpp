@@ -12,8 +12,8 @@
 //   token_task_E     TokenTask<E>, run as the full model, every sequence of task 0
 //   subnet_E         extract::subnetwork_t<TokenTask<E>> for task 0 (its decoder MoE layers folded into dense
 //                    FFNs of width 2 * 2048)
-// TokenToken and TokenTask are the library's nn::TokenToken and nn::TokenTask with Dropless token-routed stacks
-// instead of capacity 2S/E, so every model computes all its tokens, as a trained, balanced router nearly would. With
+// TokenToken and TokenTask are the library's nn::TokenToken and nn::TokenTask with nn::DroplessTokenStack in place
+// of capacity 2S/E, so every model computes all its tokens, as a trained, balanced router nearly would. With
 // capacity 2S/E, a decoding step's group is the batch: 2 x 8 / 32 = 0.5 slot per expert at batch 8, and this
 // untrained router sends the batch to about half the experts, so token/token kept only 24% to 33% of its top-2
 // rows from batch 8 up (kept_rows, bench/RESULTS.md) and its throughput counted work it never did.
@@ -64,12 +64,9 @@ constexpr std::int64_t kTestSet = 512;
 
 // The paper's combinations with Dropless token routing (see the header comment).
 template <int E>
-using TokenStack =
-    nn::MoeEvery<2, tmoe::moe::Config<tmoe::route::Token, tmoe::Experts<E>, tmoe::TopK<2>, tmoe::Dropless>>;
+using TokenToken = nn::Transformer<nn::DroplessTokenStack<E>, nn::DroplessTokenStack<E>, float, Cpu>;
 template <int E>
-using TokenToken = nn::Transformer<TokenStack<E>, TokenStack<E>, float, Cpu>;
-template <int E>
-using TokenTask = nn::Transformer<TokenStack<E>, nn::TaskStack<E>, float, Cpu>;
+using TokenTask = nn::Transformer<nn::DroplessTokenStack<E>, nn::TaskStack<E>, float, Cpu>;
 constexpr std::int32_t kTask = 0;
 
 nn::TransformerConfig config(std::int64_t d_ff = kFF) {

@@ -15,7 +15,7 @@ using namespace tmoe;
 
 namespace {
 
-using TokDropless5 = nn::MoeEvery<2, moe::Config<route::Token, Experts<5>, TopK<2>, Dropless>>;
+using TokDropless5 = nn::DroplessTokenStack<5>;
 using TokenTokenDropless = nn::Transformer<TokDropless5, TokDropless5, float, Cpu>;
 // A token-routed layer with a capacity routes each call's tokens as one group, so what it drops depends on the
 // batch; batch invariance holds for dropless routing.
