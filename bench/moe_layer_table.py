@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Turns moe_layer's JSON output (with --benchmark_repetitions=3 --benchmark_report_aggregates_only=true) into the
-tables of bench/RESULTS.md: every case's medians, and issue 2's targets.
+tables of bench/RESULTS.md: every case's medians, and issue 2's targets. A filtered run (--benchmark_filter) gets the
+cases it has; the targets whose cases it lacks are skipped. Without repetitions each case's single run is used.
 
 usage: bench/moe_layer_table.py moe_layer.json
 """
@@ -11,10 +12,11 @@ import sys
 def main(path):
     data = json.load(open(path))
     med = {}
+    repeated = any(b.get("aggregate_name") == "median" for b in data["benchmarks"])
     for b in data["benchmarks"]:
-        if b.get("aggregate_name") != "median":
+        if repeated and b.get("aggregate_name") != "median":
             continue
-        med[b["run_name"].replace("/real_time", "")] = b
+        med[b.get("run_name", b["name"]).replace("/real_time", "")] = b
     print("| case | time (us) | tokens/s | GFLOP/s | experts | weight MB | roofline (us) | fraction |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, b in med.items():
@@ -31,12 +33,16 @@ def main(path):
         b = med[name]
         return b["real_time"] if b["time_unit"] == "us" else b["real_time"] / 1e3
 
-    dense = time("BM_Dense/d_ff:4096/tokens:4096")
-    task = time("BM_MoE_Task/E:32/tokens:4096")
-    token = time("BM_MoE_Token/E:32/tokens:4096")
-    experts = time("BM_Stage_TokenExperts/E:32/tokens:4096")
-    print("\ntask/dense %.3f, token/dense %.3f, overhead share %.3f" % (task / dense, token / dense,
-                                                                      (token - experts) / token))
+    big = ("BM_Dense/d_ff:4096/tokens:4096", "BM_MoE_Task/E:32/tokens:4096", "BM_MoE_Token/E:32/tokens:4096",
+           "BM_Stage_TokenExperts/E:32/tokens:4096")
+    if all(n in med for n in big):
+        dense, task, token, experts = (time(n) for n in big)
+        print("\ntask/dense %.3f, token/dense %.3f, overhead share %.3f" % (task / dense, token / dense,
+                                                                          (token - experts) / token))
+    small = ["BM_MoE_%s/E:%d/tokens:%d" % (g, e, n) for g in ("Token", "Sentence", "Task") for e in (8, 32, 128)
+             for n in (1, 8, 64)]
+    if not all(n in med for n in small):
+        return
     print("\n| granularity | E | 1 token | 8 tokens | 64 tokens |\n|---|---:|---:|---:|---:|")
     passed = total = 0
     for g in ("Token", "Sentence", "Task"):
