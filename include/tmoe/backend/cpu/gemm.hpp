@@ -216,15 +216,9 @@ void stream_runs(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, S a
     stream_block<RB, static_cast<int>(Q), S>(c.data + j, c.ld, run, a.data, a.ld, b.data + j * b.ld, run * b.ld,
                                              a.cols, alpha, beta, nullptr);
   }
-  std::int64_t j = Q * run;  // the remainder: fewer than Q rows, adjacent
-  if constexpr (Q > 2) {
-    for (; j + 2 <= b.rows; j += 2) {
-      stream_block<RB, 2, S>(c.data + j, c.ld, 1, a.data, a.ld, b.data + j * b.ld, b.ld, a.cols, alpha, beta, nullptr);
-    }
-  }
-  if (j < b.rows) {
-    stream_block<RB, 1, S>(c.data + j, c.ld, 1, a.data, a.ld, b.data + j * b.ld, b.ld, a.cols, alpha, beta, nullptr);
-  }
+  const std::int64_t j = Q * run;  // the remainder, fewer than Q adjacent rows, as the tiled path takes them
+  stream_rows<RB, S>(MatrixRef<S>{c.data + j, c.rows, c.cols - j, c.ld}, a,
+                     MatrixRef<const S>{b.data + j * b.ld, b.rows - j, b.cols, b.ld}, 0, alpha, beta, nullptr, 0);
 }
 
 /// c (m, n) = alpha * a (m, k) b (n, k)^T + beta * c without packing. b is walked in tiles of 32 rows that stay in L2
