@@ -130,6 +130,7 @@ TEST_SUITE("cuda.moe") {
     compare_backward<TaskCfg<32>>(40, 56, 0, make_batch(2, 50, 40, 43, true, false, 7), 7);   // one task, contiguous
     compare_backward<TaskCfg<160>>(48, 40, 0, make_batch(3, 13, 48, 12, false, false, 2), 2);
     compare_backward<TaskCfg<32>>(40, 56, 0, make_batch(4, 1, 40, 48, false, false, 4), 4);   // one-row ranges
+    compare_backward<TaskCfg<32>>(40, 56, 0, make_batch(4, 9, 40, 49, true, false, 4), 4);   // contiguous ranges
     compare_backward<moe::GShardPaper<route::Task, 32>>(40, 56, 0, make_batch(6, 19, 40, 13, true, false, 3), 3);
   }
 

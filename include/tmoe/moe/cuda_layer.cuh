@@ -1120,8 +1120,8 @@ class Layer<Config, Scalar, Cuda> {
                                                             Trans::kT, {yo + b * C, C, 0}, 1, 0);
         mk::row_dot_kernel<K, Scalar, Real>
             <<<backend::cuda::blocks_for(rows * mk::kWarp, kThreads), kThreads, 0, stream>>>(
-                dyt + b * C, yo + b * C, order != nullptr ? order + b : nullptr, cache.gate_row.data(), rows, C, j,
-                cache.d_gate.data());
+                dyt + b * C, yo + b * C, order != nullptr ? order + b : nullptr, b, cache.gate_row.data(), rows, C,
+                j, cache.d_gate.data());
         TMOE_CUDA_CHECK_LAUNCH("row_dot_kernel");
         // The expert sees g * dy: dH_j = g dy wo_e, dwo_e += g dy^T H_j.
         experts_backward_out(ctx, rows, ex, 1, dyt + b * C, h + b * K * F + j * F, dh + b * K * F + j * F, K * F, g);

@@ -77,15 +77,16 @@ __global__ void activation_backward_kernel(S* __restrict__ dh, const S* __restri
 }
 
 /// The task path's gate gradient, one warp per routed row i of [0, rows): d_gate(n, j) = dy_i . out_i for the token
-/// n = order[i] (i itself without order), if it is not padding.
+/// n = order[i], or first + i without order (a contiguous range that starts at token first), if it is not padding.
 template <int K, class S, class Real>
 __global__ void row_dot_kernel(const S* __restrict__ dy, const S* __restrict__ out,
-                               const std::int64_t* __restrict__ order, const std::int32_t* __restrict__ gate_row,
-                               std::int64_t rows, std::int64_t C, int j, Real* __restrict__ d_gate) {
+                               const std::int64_t* __restrict__ order, std::int64_t first,
+                               const std::int32_t* __restrict__ gate_row, std::int64_t rows, std::int64_t C, int j,
+                               Real* __restrict__ d_gate) {
   const std::int64_t i = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = static_cast<int>(threadIdx.x % kWarp);
   if (i >= rows) return;
-  const std::int64_t n = order != nullptr ? order[i] : i;
+  const std::int64_t n = order != nullptr ? order[i] : first + i;
   Real dot = 0;
   for (std::int64_t c = lane; c < C; c += kWarp) dot += static_cast<Real>(dy[i * C + c] * out[i * C + c]);
   dot = warp_sum(dot);
