@@ -108,10 +108,9 @@ inline float sum_range(const float* p, std::int64_t n) {
   return total;
 }
 
-/// One read pass over the whole buffer, split over the context's threads.
-inline float read_pass() {
-  const float* p = bandwidth_buffer();
-  const std::int64_t n = kBandwidthBytes / static_cast<std::int64_t>(sizeof(float));
+/// One read pass over `bytes` from p, split over the context's threads.
+inline float read_range(const float* p, std::int64_t bytes) {
+  const std::int64_t n = bytes / static_cast<std::int64_t>(sizeof(float));
   std::mutex m;
   float total = 0;
   context().parallel_range(n, 1 << 16, [&](std::int64_t b, std::int64_t e) {
@@ -120,6 +119,28 @@ inline float read_pass() {
     total += s;
   });
   return total;
+}
+
+/// One read pass over the whole bandwidth buffer.
+inline float read_pass() { return read_range(bandwidth_buffer(), kBandwidthBytes); }
+
+/// Bytes read by evict_caches(): four times this guest's 32 MiB L3 (and far above its 1 MiB L2 per core).
+inline constexpr std::int64_t kEvictBytes = 128LL << 20;
+
+/// Pushes whatever a case touched out of the caches, so its next call reads its weights from DRAM, as a layer of a
+/// model much larger than the LLC does: one read pass, on the context's threads, over the next kEvictBytes window of
+/// the bandwidth buffer (the windows rotate, so each was last read 7 passes ago and comes from DRAM too). Reads, not
+/// writes, so no dirty lines are left to be written back inside the next timing. Returns the pass's read bandwidth
+/// in bytes per second: the memory bandwidth of the moment, which on a shared host moves by tens of percent within
+/// minutes.
+inline double evict_caches() {
+  static std::int64_t window = 0;
+  const std::int64_t windows = kBandwidthBytes / kEvictBytes;
+  const float* p = bandwidth_buffer() + (window++ % windows) * (kEvictBytes / static_cast<std::int64_t>(sizeof(float)));
+  const auto t0 = std::chrono::steady_clock::now();
+  float s = read_range(p, kEvictBytes);
+  benchmark::DoNotOptimize(s);
+  return static_cast<double>(kEvictBytes) / seconds_since(t0);
 }
 
 struct Ceilings {

@@ -11,13 +11,16 @@
 //   BM_MoE_Sentence/E:E          sentence routing, Dropless, rows of 32 tokens (one row of N when N < 32)
 //   BM_MoE_Task/E:E              task routing, one task for the whole batch (4 tasks in the embedding)
 //   BM_MoE_Task4/E:E             task routing, 4 contiguous tasks of N/4 tokens each
+//   BM_Cold_Dense, BM_Cold_MoE_* the same at 1, 8 and 64 tokens with the caches evicted before every call (a 128 MiB
+//                                read pass, untimed; manual time): the weights come from DRAM, as in a model much
+//                                larger than the LLC, which is what the DRAM roofline assumes
 //
 // Counters: tokens/s; GFLOP/s of the FLOPs computed (router GEMM + 4*C*F per dispatched row, or 4*N*C*F for the
 // dense FFN); weight_MB, the expert weights touched per call (experts with >= 1 dispatched row x 2*C*F*4 bytes);
 // roofline_us = max(FLOPs / GEMM rate, weight bytes / read bandwidth); roofline_frac = roofline time / measured time.
 // The ceilings come from this binary, so they reflect its compile flags (a build without -march runs Eigen on SSE2).
-// The 2 experts of a 1-token case (16.8 MB) stay in a 32 MiB L3 across iterations, so those cases can beat the DRAM
-// roofline (fraction > 1).
+// In the warm cases the 2 experts of a 1-token case (16.8 MB) stay in a 32 MiB L3 across iterations, so those cases
+// can beat the DRAM roofline (fraction > 1); the cold cases are the ones to judge against it.
 //
 // The ceilings are measured once, lazily, before the first case that needs them (the ceiling benchmarks run first,
 // so they print before the table). Layers are built once per (granularity, E) and kept in a single slot: the cases
@@ -26,7 +29,7 @@
 // Run (the numbers in bench/RESULTS.md):
 //   build-bench/bench/moe_layer --benchmark_min_time=0.2 --benchmark_repetitions=3
 //       --benchmark_report_aggregates_only=true --benchmark_out=moe_layer.json --benchmark_out_format=json
-//   (one command line; about 2 minutes on 2 cores)
+//   (one command line; about 5 minutes on 2 cores, half of it the cold cases' evictions)
 
 #include <benchmark/benchmark.h>
 
@@ -62,10 +65,18 @@ constexpr std::int64_t kTasks = 4;        // task routing: rows of the task embe
 // ---------------------------------------------------------------------------------------------------------------
 // Counters shared by every case.
 
-void set_counters(benchmark::State& state, std::int64_t tokens, double flops, double weight_bytes) {
+/// `bw_now`, when not 0, is the read bandwidth a cold case measured in its own eviction passes (the best of them):
+/// it adds the roofline and fraction against that bandwidth of the same minutes.
+void set_counters(benchmark::State& state, std::int64_t tokens, double flops, double weight_bytes,
+                  double bw_now = 0) {
   using benchmark::Counter;
   const Ceilings& c = ceilings();
   const double roofline_s = std::max(flops / c.gemm_flops_per_s, weight_bytes / c.read_bytes_per_s);
+  if (bw_now > 0) {
+    const double now_s = std::max(flops / c.gemm_flops_per_s, weight_bytes / bw_now);
+    state.counters["read_GB/s_now"] = Counter(bw_now * 1e-9);
+    state.counters["roofline_frac_now"] = Counter(now_s, Counter::kIsIterationInvariantRate);
+  }
   state.counters["tokens/s"] = Counter(static_cast<double>(tokens), Counter::kIsIterationInvariantRate);
   state.counters["GFLOP/s"] = Counter(flops * 1e-9, Counter::kIsIterationInvariantRate);
   state.counters["weight_MB"] = Counter(weight_bytes * 1e-6);
@@ -137,6 +148,27 @@ const Tensor<std::int32_t, Cpu>& task_ids(std::int64_t rows) {
 // ---------------------------------------------------------------------------------------------------------------
 // Cases.
 
+/// Runs the benchmark loop over fn: back to back (warm: whatever fits stays in the caches between calls), or with the
+/// caches evicted before each call and only the call timed (cold; the case is registered with UseManualTime).
+/// Returns the best read bandwidth of the eviction passes (0 when warm).
+template <class Fn>
+double time_calls(benchmark::State& state, bool cold, float* out, Fn&& fn) {
+  double bw = 0;
+  for (auto _ : state) {
+    if (cold) {
+      bw = std::max(bw, evict_caches());
+      const auto t0 = std::chrono::steady_clock::now();
+      fn();
+      state.SetIterationTime(seconds_since(t0));
+    } else {
+      fn();
+    }
+    benchmark::DoNotOptimize(out);
+    benchmark::ClobberMemory();
+  }
+  return bw;
+}
+
 template <int E>
 using TokenCfg = moe::Config<tmoe::route::Token, tmoe::Experts<E>, tmoe::TopK<2>, tmoe::Dropless>;
 template <int E>
@@ -176,7 +208,7 @@ std::pair<double, double> work_of(const typename LayerT<Cfg>::Cache& cache) {
 }
 
 template <class Cfg>
-void run_layer(benchmark::State& state, Feed feed) {
+void run_layer(benchmark::State& state, Feed feed, bool cold) {
   const std::int64_t n = state.range(0);
   if (feed == Feed::kSentences && n >= kRowLength && n % kRowLength != 0) {
     state.SkipWithError("sentence cases need N < 32 or a multiple of 32");
@@ -195,18 +227,14 @@ void run_layer(benchmark::State& state, Feed feed) {
   typename LayerT<Cfg>::Cache cache;
   l.forward(ctx, in, out, cache);  // sizes the cache's buffers and gives the plan the counters read
   const auto [flops, bytes] = work_of<Cfg>(cache);
-  for (auto _ : state) {
-    l.forward(ctx, in, out, cache);
-    benchmark::DoNotOptimize(out.data());
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, n, flops, bytes);
+  const double bw = time_calls(state, cold, out.data(), [&] { l.forward(ctx, in, out, cache); });
+  set_counters(state, n, flops, bytes, bw);
   state.counters["experts_touched"] = bytes / (2.0 * kModel * kFF * sizeof(float));
   if constexpr (!Cfg::dropless) state.counters["dropped"] = static_cast<double>(cache.plan.dropped());
 }
 
 /// Dense FFN y = wo relu(wi x) of width F through the task path's GEMMs (moe::expert_dense_forward).
-void BM_Dense(benchmark::State& state) {
+void run_dense(benchmark::State& state, bool cold) {
   const std::int64_t f = state.range(0), n = state.range(1);
   struct Weights {
     Tensor<float, Cpu> wi, wo;
@@ -222,14 +250,12 @@ void BM_Dense(benchmark::State& state) {
   const float* x = input(n).data();
   float* y = output(n).data();
   Tensor<float, Cpu> hidden({n, f});
-  for (auto _ : state) {
+  const double bw = time_calls(state, cold, y, [&] {
     moe::expert_dense_forward<Relu, float>(ctx, y, hidden.data(), nullptr, x, n, w->wi.data(), w->wo.data(), kModel,
                                            f, 1.0f, 0.0f);
-    benchmark::DoNotOptimize(y);
-    benchmark::ClobberMemory();
-  }
+  });
   set_counters(state, n, 4.0 * static_cast<double>(n) * kModel * static_cast<double>(f),
-               2.0 * kModel * static_cast<double>(f) * sizeof(float));
+               2.0 * kModel * static_cast<double>(f) * sizeof(float), bw);
 }
 
 /// Gating stage of the token layer alone: router GEMM, softmax and build_plan, as the layer runs them.
@@ -282,17 +308,24 @@ void BM_Stage_TokenExperts(benchmark::State& state) {
 
 constexpr std::int64_t kTokenCounts[] = {1, 8, 64, 512, 4096};
 
+constexpr std::int64_t kSmallTokenCounts[] = {1, 8, 64};  // the cold cases: issue 2's small-batch target
+
 template <class Fn>
-benchmark::internal::Benchmark* add(const std::string& name, Fn&& fn) {
-  return benchmark::RegisterBenchmark(name.c_str(), std::forward<Fn>(fn))
-      ->UseRealTime()
-      ->Unit(benchmark::kMicrosecond);
+benchmark::internal::Benchmark* add(const std::string& name, Fn&& fn, bool cold = false) {
+  auto* b = benchmark::RegisterBenchmark(name.c_str(), std::forward<Fn>(fn));
+  if (cold) {
+    b->UseManualTime();
+  } else {
+    b->UseRealTime();
+  }
+  return b->Unit(benchmark::kMicrosecond);
 }
 
+/// family "BM_MoE_X" registers BM_MoE_X/E:E/tokens:N; cold, BM_Cold_MoE_X/E:E/tokens:N.
 template <class Cfg>
-void add_layer(const std::string& family, Feed feed, std::initializer_list<std::int64_t> tokens) {
-  auto* b = add(family + "/E:" + std::to_string(Cfg::experts),
-                [feed](benchmark::State& st) { run_layer<Cfg>(st, feed); })
+void add_layer(const std::string& family, Feed feed, std::initializer_list<std::int64_t> tokens, bool cold = false) {
+  auto* b = add((cold ? "BM_Cold_" + family.substr(3) : family) + "/E:" + std::to_string(Cfg::experts),
+                [feed, cold](benchmark::State& st) { run_layer<Cfg>(st, feed, cold); }, cold)
                 ->ArgName("tokens");
   for (std::int64_t n : tokens) b->Arg(n);
 }
@@ -300,6 +333,7 @@ void add_layer(const std::string& family, Feed feed, std::initializer_list<std::
 template <template <int> class Cfg, int E>
 void add_expert_count(const std::string& family, Feed feed) {
   add_layer<Cfg<E>>(family, feed, {1, 8, 64, 512, 4096});
+  add_layer<Cfg<E>>(family, feed, {1, 8, 64}, true);
   if (feed == Feed::kOneTask) add_layer<Cfg<E>>("BM_MoE_Task4", Feed::kFourTasks, {512, 4096});
   if (feed == Feed::kTokens && E == 32) {  // the stage breakdown reuses the E=32 layer before it is freed
     add("BM_Stage_TokenGating/E:32", BM_Stage_TokenGating<32>)->ArgName("tokens")->Arg(64)->Arg(4096);
@@ -318,9 +352,12 @@ void add_granularity(const std::string& family, Feed feed) {
 bool register_all() {
   add("BM_Ceiling_GemmFp32", BM_Ceiling_GemmFp32);
   add("BM_Ceiling_ReadBandwidth", BM_Ceiling_ReadBandwidth);
-  auto* dense = add("BM_Dense", BM_Dense)->ArgNames({"d_ff", "tokens"});
+  auto* dense = add("BM_Dense", [](benchmark::State& st) { run_dense(st, false); })->ArgNames({"d_ff", "tokens"});
+  auto* cold = add("BM_Cold_Dense", [](benchmark::State& st) { run_dense(st, true); }, true)
+                   ->ArgNames({"d_ff", "tokens"});
   for (std::int64_t f : {kFF, 2 * kFF}) {
     for (std::int64_t n : kTokenCounts) dense->Args({f, n});
+    for (std::int64_t n : kSmallTokenCounts) cold->Args({f, n});
   }
   add_granularity<TokenCfg>("BM_MoE_Token", Feed::kTokens);
   add_granularity<SentenceCfg>("BM_MoE_Sentence", Feed::kSentences);
