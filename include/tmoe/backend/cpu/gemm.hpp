@@ -128,132 +128,110 @@ inline void fold_all(typename Lanes<S>::type* v) {
   if constexpr (W > 2) fold_all<W / 2, S>(v);
 }
 
-/// c(i, j * cs) = alpha * dot(a_i, b_j) + beta * c(i, j * cs) for RB rows of a and FB rows of b (row j of b at
-/// b + j * ldb). RB * FB vector accumulators take each loaded lane of b RB times and each lane of a FB times; a tail
-/// shorter than a vector is zero-padded, and the lanes are summed by fold_all, so the summation order is fixed and no
-/// fast-math is needed to vectorize.
-///
-/// When `pf` is not null it points at FB other rows of b (stride ldb) that are prefetched towards L2, one cache line
-/// per row per vector step: the next tile's rows, requested while this one is computed.
-template <int RB, int FB, class S>
-inline void stream_block(S* c, std::int64_t ldc, std::int64_t cs, const S* a, std::int64_t lda, const S* b,
-                         std::int64_t ldb, std::int64_t k, S alpha, S beta, const S* pf) {
+/// Rows [j0, j1) of each of Q runs of b (run q holds rows [q * run, (q + 1) * run), so row j of each run is run rows
+/// after the previous run's) against RB rows of a: c(i, q * run + j) = alpha * dot(a_i, b_{q * run + j}) + beta *
+/// c(i, q * run + j). RB * Q vector accumulators take each loaded lane of b RB times and each lane of a Q times; a
+/// tail of k shorter than a vector is zero-padded, and the lanes are summed by fold_all, so the summation order is
+/// fixed and no fast-math is needed to vectorize. One function holds the loop over rows, the k loop and the fold, so
+/// the accumulators stay in registers (the previous kernel called a function per block of rows, which spilled them
+/// and zeroed them in memory, and was 8-20% slower from DRAM). The totals collect in a scratch of 16 rows per output
+/// column and reach c as runs of up to 16 contiguous elements.
+template <int RB, int Q, class S>
+inline void run_rows(S* c, std::int64_t ldc, std::int64_t run, const S* a, std::int64_t lda, const S* b,
+                     std::int64_t ldb, std::int64_t k, std::int64_t j0, std::int64_t j1, S alpha, S beta) {
   using V = typename Lanes<S>::type;
   constexpr int L = Lanes<S>::kCount;
-  constexpr int N = RB * FB, Groups = (N + L - 1) / L;
-  V acc[Groups * L];
-  for (V& v : acc) v = V{};
-  constexpr std::int64_t kLine = 64 / sizeof(S);  // elements per cache line
-  std::int64_t p = 0;
-  for (; p + L <= k; p += L) {
-    if (pf != nullptr && p % kLine == 0) {
-      for (int j = 0; j < FB; ++j) __builtin_prefetch(pf + j * ldb + p, 0, 2);
-    }
-    V bv[FB];
-    for (int j = 0; j < FB; ++j) load_lanes(bv[j], b + j * ldb + p);
+  constexpr int N = RB * Q, Groups = (N + L - 1) / L;
+  constexpr int kPending = 16;
+  const std::int64_t rs = run * ldb;  // from a row of one run to the same row of the next
+  const std::int64_t kv = k / L * L, tail = k - kv;
+  S scratch[N][kPending];
+  std::int64_t pending = 0;
+  auto flush = [&](std::int64_t next) {  // rows [next - pending, next) of every (row of a, run) pair
     for (int i = 0; i < RB; ++i) {
-      V av;
-      load_lanes(av, a + i * lda + p);
-      for (int j = 0; j < FB; ++j) acc[i * FB + j] += av * bv[j];
-    }
-  }
-  if (p < k) {  // the tail, zero-padded to a whole vector (lane by lane: GCC cannot bound a memcpy of k - p bytes)
-    const std::int64_t tail = k - p;
-    V bv[FB];
-    for (int j = 0; j < FB; ++j) {
-      bv[j] = V{};
-      for (int q = 0; q < L && q < tail; ++q) bv[j][q] = b[j * ldb + p + q];
-    }
-    for (int i = 0; i < RB; ++i) {
-      V av{};
-      for (int q = 0; q < L && q < tail; ++q) av[q] = a[i * lda + p + q];
-      for (int j = 0; j < FB; ++j) acc[i * FB + j] += av * bv[j];
-    }
-  }
-  for (int g = 0; g < Groups; ++g) fold_all<L, S>(acc + g * L);
-  for (int i = 0; i < RB; ++i) {
-    for (int j = 0; j < FB; ++j) {
-      const int n = i * FB + j;
-      const S sum = acc[n / L * L][n % L];
-      S& dst = c[i * ldc + j * cs];
-      dst = beta == S(0) ? alpha * sum : alpha * sum + beta * dst;
-    }
-  }
-}
-
-/// Rows [i, i + RB) of a against every row of b, kBlockCols rows of b at a time (RB x kBlockCols accumulators: each
-/// loaded lane of a feeds kBlockCols FMAs and each lane of b feeds RB). `pf`, when not null, is the next tile of b
-/// (pf_rows rows), prefetched block by block alongside. (Spreading those requests over all the passes of a tile
-/// measured slower.)
-template <int RB, class S>
-void stream_rows(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, std::int64_t i, S alpha, S beta,
-                 const S* pf, std::int64_t pf_rows) {
-  auto block = [&]<int FB>(std::int64_t j) {
-    const S* pfj = pf != nullptr && j + FB <= pf_rows ? pf + j * b.ld : nullptr;
-    stream_block<RB, FB>(c.data + i * c.ld + j, c.ld, 1, a.data + i * a.ld, a.ld, b.data + j * b.ld, b.ld, a.cols,
-                         alpha, beta, pfj);
-  };
-  std::int64_t j = 0;
-  for (; j + kBlockCols <= b.rows; j += kBlockCols) block.template operator()<kBlockCols>(j);
-  if constexpr (kBlockCols > 2) {
-    for (; j + 2 <= b.rows; j += 2) block.template operator()<2>(j);
-  }
-  if (j < b.rows) block.template operator()<1>(j);
-}
-
-/// c (m, n) = alpha * a (m, k) b (n, k)^T + beta * c for m <= 3: one pass over b, which is read from memory once
-/// anyway, so it needs no tiles. b's first kBlockCols * (n / kBlockCols) rows are cut into kBlockCols contiguous runs
-/// and each register block takes the next row of every run, so the hardware prefetchers follow kBlockCols long
-/// sequential streams; kBlockCols adjacent rows instead (the tiled path's order) are short streams that the
-/// prefetchers do not run ahead of, and the arithmetic then waits for memory instead of overlapping it. Whole rows of
-/// k, no chunks: a's few rows stay in cache, and b's rows stream in order. bench/gemm, one core, weights from DRAM:
-/// 2 rows 20-28% faster than the tiled path; at 4 rows the tiled path was as fast or faster, so it keeps 4 and more.
-template <int RB, class S>
-void stream_runs(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, S alpha, S beta) {
-  constexpr std::int64_t Q = kBlockCols;
-  const std::int64_t run = b.rows / Q;
-  for (std::int64_t j = 0; j < run; ++j) {
-    stream_block<RB, static_cast<int>(Q), S>(c.data + j, c.ld, run, a.data, a.ld, b.data + j * b.ld, run * b.ld,
-                                             a.cols, alpha, beta, nullptr);
-  }
-  const std::int64_t j = Q * run;  // the remainder, fewer than Q adjacent rows, as the tiled path takes them
-  stream_rows<RB, S>(MatrixRef<S>{c.data + j, c.rows, c.cols - j, c.ld}, a,
-                     MatrixRef<const S>{b.data + j * b.ld, b.rows - j, b.cols, b.ld}, 0, alpha, beta, nullptr, 0);
-}
-
-/// c (m, n) = alpha * a (m, k) b (n, k)^T + beta * c without packing. b is walked in tiles of 32 rows that stay in L2
-/// while every block of 4 rows of a passes over them, so b is read from memory once; the first block prefetches
-/// the next tile, so memory reads overlap the arithmetic. k is cut into chunks of 512 so a block's slice of a stays in
-/// L1 while the tile's slice streams from L2; each chunk after the first adds its partial sums into c (a fixed order).
-template <class S>
-void gemm_stream_abt(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, S alpha, S beta) {
-  switch (c.rows) {  // up to 3 rows: one pass, see stream_runs
-    case 1: stream_runs<1>(c, a, b, alpha, beta); return;
-    case 2: stream_runs<2>(c, a, b, alpha, beta); return;
-    case 3: stream_runs<3>(c, a, b, alpha, beta); return;
-    default: break;
-  }
-  constexpr std::int64_t kTile = 32, kChunk = 512;
-  for (std::int64_t j0 = 0; j0 < b.rows; j0 += kTile) {
-    const std::int64_t nt = std::min(b.rows - j0, kTile);
-    const MatrixRef<S> ct{c.data + j0, c.rows, nt, c.ld};
-    const std::int64_t next_rows = std::min(b.rows - j0 - nt, kTile);
-    for (std::int64_t p0 = 0; p0 < a.cols; p0 += kChunk) {
-      const std::int64_t kc = std::min(a.cols - p0, kChunk);
-      const MatrixRef<const S> ac{a.data + p0, a.rows, kc, a.ld};
-      const MatrixRef<const S> bt{b.data + j0 * b.ld + p0, nt, kc, b.ld};
-      const S* next = next_rows > 0 ? b.data + (j0 + nt) * b.ld + p0 : nullptr;
-      const S beta_c = p0 == 0 ? beta : S(1);
-      std::int64_t i = 0;
-      for (; i + 4 <= c.rows; i += 4) stream_rows<4>(ct, ac, bt, i, alpha, beta_c, i == 0 ? next : nullptr, next_rows);
-      const S* pf = i == 0 ? next : nullptr;
-      switch (c.rows - i) {  // the remainder's block height is a compile-time constant too
-        case 3: stream_rows<3>(ct, ac, bt, i, alpha, beta_c, pf, next_rows); break;
-        case 2: stream_rows<2>(ct, ac, bt, i, alpha, beta_c, pf, next_rows); break;
-        case 1: stream_rows<1>(ct, ac, bt, i, alpha, beta_c, pf, next_rows); break;
-        default: break;
+      for (int q = 0; q < Q; ++q) {
+        S* dst = c + i * ldc + q * run + next - pending;
+        const S* src = scratch[i * Q + q];
+        for (std::int64_t t = 0; t < pending; ++t) {
+          dst[t] = beta == S(0) ? alpha * src[t] : alpha * src[t] + beta * dst[t];
+        }
       }
     }
+    pending = 0;
+  };
+  for (std::int64_t j = j0; j < j1; ++j) {
+    const S* bj = b + j * ldb;
+    V acc[Groups * L];
+    for (V& v : acc) v = V{};
+    for (std::int64_t p = 0; p < kv; p += L) {
+      V bv[Q];
+      for (int q = 0; q < Q; ++q) load_lanes(bv[q], bj + q * rs + p);
+      for (int i = 0; i < RB; ++i) {
+        V av;
+        load_lanes(av, a + i * lda + p);
+        for (int q = 0; q < Q; ++q) acc[i * Q + q] += av * bv[q];
+      }
+    }
+    if (tail > 0) {  // lane by lane: GCC cannot bound a memcpy of tail elements
+      V bv[Q];
+      for (int q = 0; q < Q; ++q) {
+        bv[q] = V{};
+        for (int l = 0; l < L && l < tail; ++l) bv[q][l] = bj[q * rs + kv + l];
+      }
+      for (int i = 0; i < RB; ++i) {
+        V av{};
+        for (int l = 0; l < L && l < tail; ++l) av[l] = a[i * lda + kv + l];
+        for (int q = 0; q < Q; ++q) acc[i * Q + q] += av * bv[q];
+      }
+    }
+    for (int g = 0; g < Groups; ++g) fold_all<L, S>(acc + g * L);
+    for (int n = 0; n < N; ++n) scratch[n][pending] = acc[n / L * L][n % L];
+    if (++pending == kPending) flush(j + 1);
+  }
+  if (pending > 0) flush(j1);
+}
+
+/// Every row of a, in blocks of 4 and one block of 1 to 3, against rows [j0, j1) of Q runs of b (see run_rows).
+template <int Q, class S>
+inline void run_row_blocks(MatrixRef<S> c, MatrixRef<const S> a, const S* b, std::int64_t ldb, std::int64_t run,
+                           std::int64_t j0, std::int64_t j1, S alpha, S beta) {
+  std::int64_t i = 0;
+  for (; i + 4 <= c.rows; i += 4) {
+    run_rows<4, Q>(c.data + i * c.ld, c.ld, run, a.data + i * a.ld, a.ld, b, ldb, a.cols, j0, j1, alpha, beta);
+  }
+  S* ci = c.data + i * c.ld;
+  const S* ai = a.data + i * a.ld;
+  switch (c.rows - i) {  // the remainder's block height is a compile-time constant too
+    case 3: run_rows<3, Q>(ci, c.ld, run, ai, a.ld, b, ldb, a.cols, j0, j1, alpha, beta); break;
+    case 2: run_rows<2, Q>(ci, c.ld, run, ai, a.ld, b, ldb, a.cols, j0, j1, alpha, beta); break;
+    case 1: run_rows<1, Q>(ci, c.ld, run, ai, a.ld, b, ldb, a.cols, j0, j1, alpha, beta); break;
+    default: break;
+  }
+}
+
+/// Bytes of b (over all runs) that the streaming kernel's row blocks share from L2 before it moves on: half of a
+/// 1 MiB L2. On one Zen 5 core (bench/gemm, weights from memory) 128 KiB was up to 26% slower at k 2048 and 64 rows
+/// or more, and 2 MiB 20-60% slower from 8 rows up.
+inline constexpr std::int64_t kRunChunkBytes = 512 << 10;
+
+/// c (m, n) = alpha * a (m, k) b (n, k)^T + beta * c without packing, reading b once from memory: the streaming
+/// kernel, for 2 to kStreamRows rows. b's first kBlockCols * (n / kBlockCols) rows are cut into kBlockCols contiguous
+/// runs walked side by side, so the hardware prefetchers follow kBlockCols long sequential streams (kBlockCols
+/// adjacent rows are short streams that they do not run ahead of, and the arithmetic then waits for memory). The runs
+/// go in chunks of about kRunChunkBytes, which stay in L2 while every block of 4 rows of a passes over them: the first
+/// block reads a chunk from memory, the others from L2. The last n mod kBlockCols rows are one more run.
+template <class S>
+void gemm_stream_abt(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, S alpha, S beta) {
+  constexpr int Q = kBlockCols;
+  const std::int64_t run = b.rows / Q, k = a.cols;
+  const std::int64_t chunk = std::max<std::int64_t>(1, kRunChunkBytes / (Q * k * static_cast<std::int64_t>(sizeof(S))));
+  for (std::int64_t j0 = 0; j0 < run; j0 += chunk) {
+    run_row_blocks<Q, S>(c, a, b.data, b.ld, run, j0, std::min(run, j0 + chunk), alpha, beta);
+  }
+  const std::int64_t rest = b.rows - Q * run;
+  if (rest > 0) {
+    run_row_blocks<1, S>(MatrixRef<S>{c.data + Q * run, c.rows, rest, c.ld}, a, b.data + Q * run * b.ld, b.ld, rest, 0,
+                         rest, alpha, beta);
   }
 }
 
