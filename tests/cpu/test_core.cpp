@@ -153,12 +153,12 @@ TEST_SUITE("ops_cpu") {
     }
   }
 
-  // c = a b^T with 2 to kStreamRows rows runs the streaming kernel: b cut into kBlockCols runs walked together (runs
-  // of one row and of many), its last n mod kBlockCols rows as one more run (and as the only one when n < kBlockCols),
-  // chunks of the runs shared by every block of 4 rows of a (one chunk, several, a partial last one), row blocks of 4
-  // and remainders of 1 to 3, a partial last vector of k, more than 16 rows per run in a chunk (the scratch of c
-  // flushed mid-chunk), and operands inside wider matrices (ld > cols), as the expert slabs use them. 513 rows is
-  // Eigen's again.
+  // c = a b^T with 2 rows or more runs the streaming kernel, in passes of kStreamRows rows: b cut into kBlockCols
+  // runs walked together (runs of one row and of many), its last n mod kBlockCols rows as one more run (and as the
+  // only one when n < kBlockCols), chunks of the runs shared by every block of 4 rows of a (one chunk, several, a
+  // partial last one), row blocks of 4 and remainders of 1 to 3, a partial last vector of k, more than 16 rows per
+  // run in a chunk (the scratch of c flushed mid-chunk), operands inside wider matrices (ld > cols), as the expert
+  // slabs use them, and more rows than one pass (513, 1100).
   TEST_CASE_TEMPLATE("gemm_serial: the streaming x W^T kernel against double loops, strided operands", S, float,
                      double) {
     const double tol = std::is_same_v<S, float> ? 3e-6 : 1e-13;
@@ -166,7 +166,7 @@ TEST_SUITE("ops_cpu") {
     for (const auto& mnk : {std::array<std::int64_t, 3>{2, 1, 1}, {3, 33, 15}, {2, 4, 33}, {2, 70, 1039}, {3, 67, 600},
                             {3, 6, 16}, {5, 70, 17}, {7, 65, 512},
                             {17, 97, 513}, {130, 31, 1100}, {4, 64, 1039}, {512, 37, 45}, {513, 29, 70},
-                            {9, 150, 2050}, {6, 4099, 48}, {5, 2, 100}, {4, 3, 5}, {11, 1001, 600},
+                            {9, 150, 2050}, {6, 4099, 48}, {5, 2, 100}, {4, 3, 5}, {11, 1001, 600}, {1100, 9, 33},
                             {backend::cpu::kStreamRows, 5, 16}}) {
       const std::int64_t m = mnk[0], n = mnk[1], k = mnk[2], pad = 3;
       Tensor<S, Cpu> a({m, k + pad}), b({n, k + pad}), c({m, n + pad});

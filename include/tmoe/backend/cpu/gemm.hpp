@@ -40,17 +40,14 @@ inline constexpr int kVectorBytes = 32, kBlockCols = 2;
 inline constexpr int kVectorBytes = 16, kBlockCols = 2;
 #endif
 
-/// Rows of `c = a * b^T` (2 up to this many) computed by the streaming kernel below instead of Eigen's GEMM. Eigen
-/// repacks b (a weight matrix, [out, in]) into panels on every call and its micro-kernel wants many rows of a; with
-/// few rows (decoding, tokens spread over many experts) packing costs as much as the arithmetic. The streaming kernel
-/// reads b as stored, once. `bench/gemm` measures both on one core (Zen 5): with AVX-512 the streaming kernel is
-/// faster from 2 rows up to 512 and within 10% either way at 1024; with AVX2 or SSE2 it is faster up to 64 rows and
-/// level at 128. One row goes to Eigen's GEMV, which already streams.
-#if defined(__AVX512F__)
+/// Rows of `c = a * b^T` per pass of the streaming kernel below, which computes every such product with 2 rows or
+/// more instead of Eigen's GEMM; more rows take several passes, each reading b again (from the caches, or from
+/// memory at 512 flops per float of b). Eigen repacks b (a weight matrix, [out, in]) into panels on every call and
+/// its micro-kernel wants many rows of a; with few rows (decoding, tokens spread over many experts) packing costs as
+/// much as the arithmetic. `bench/gemm` measures both on one Zen 5 core: with AVX-512 the streaming kernel is faster
+/// at every row count from 2 (1.3x at 512 and 1024 rows); built for SSE2 it is faster up to 512 rows and level at
+/// 1024. One row goes to Eigen's GEMV, which already streams.
 inline constexpr std::int64_t kStreamRows = 512;
-#else
-inline constexpr std::int64_t kStreamRows = 64;
-#endif
 
 namespace detail {
 
@@ -215,11 +212,12 @@ inline void run_row_blocks(MatrixRef<S> c, MatrixRef<const S> a, const S* b, std
 inline constexpr std::int64_t kRunChunkBytes = 512 << 10;
 
 /// c (m, n) = alpha * a (m, k) b (n, k)^T + beta * c without packing, reading b once from memory: the streaming
-/// kernel, for 2 to kStreamRows rows. b's first kBlockCols * (n / kBlockCols) rows are cut into kBlockCols contiguous
-/// runs walked side by side, so the hardware prefetchers follow kBlockCols long sequential streams (kBlockCols
-/// adjacent rows are short streams that they do not run ahead of, and the arithmetic then waits for memory). The runs
-/// go in chunks of about kRunChunkBytes, which stay in L2 while every block of 4 rows of a passes over them: the first
-/// block reads a chunk from memory, the others from L2. The last n mod kBlockCols rows are one more run.
+/// kernel (gemm_serial calls it for up to kStreamRows rows at a time). b's first kBlockCols * (n / kBlockCols) rows
+/// are cut into kBlockCols contiguous runs walked side by side, so the hardware prefetchers follow kBlockCols long
+/// sequential streams (kBlockCols adjacent rows are short streams that they do not run ahead of, and the arithmetic
+/// then waits for memory). The runs go in chunks of about kRunChunkBytes, which stay in L2 while every block of 4
+/// rows of a passes over them: the first block reads a chunk from memory, the others from L2. The last
+/// n mod kBlockCols rows are one more run.
 template <class S>
 void gemm_stream_abt(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, S alpha, S beta) {
   constexpr int Q = kBlockCols;
@@ -249,8 +247,12 @@ void gemm_serial(MatrixRef<S> c, MatrixRef<const S> a, Trans ta, MatrixRef<const
     else if (beta != S(1)) C *= beta;
     return;
   }
-  if (ta == Trans::kN && tb == Trans::kT && c.rows > 1 && c.rows <= kStreamRows) {
-    detail::gemm_stream_abt(c, a, b, alpha, beta);
+  if (ta == Trans::kN && tb == Trans::kT && c.rows > 1) {
+    for (std::int64_t i0 = 0; i0 < c.rows; i0 += kStreamRows) {
+      const std::int64_t rows = std::min(kStreamRows, c.rows - i0);
+      detail::gemm_stream_abt(MatrixRef<S>{c.data + i0 * c.ld, rows, c.cols, c.ld},
+                              MatrixRef<const S>{a.data + i0 * a.ld, rows, a.cols, a.ld}, b, alpha, beta);
+    }
     return;
   }
   auto A = map(a.data, a.rows, a.cols, a.ld);
