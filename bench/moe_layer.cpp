@@ -41,6 +41,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -309,6 +310,8 @@ void BM_Stage_TokenExperts(benchmark::State& state) {
 constexpr std::int64_t kTokenCounts[] = {1, 8, 64, 512, 4096};
 
 constexpr std::int64_t kSmallTokenCounts[] = {1, 8, 64};  // the cold cases: issue 2's small-batch target
+constexpr std::int64_t kTask4TokenCounts[] = {512, 4096};  // 4 tasks of N/4 tokens
+constexpr std::int64_t kLargeTokenCounts[] = {4096};          // the capacity-limited reference
 
 template <class Fn>
 benchmark::internal::Benchmark* add(const std::string& name, Fn&& fn, bool cold = false) {
@@ -323,7 +326,7 @@ benchmark::internal::Benchmark* add(const std::string& name, Fn&& fn, bool cold 
 
 /// family "BM_MoE_X" registers BM_MoE_X/E:E/tokens:N; cold, BM_Cold_MoE_X/E:E/tokens:N.
 template <class Cfg>
-void add_layer(const std::string& family, Feed feed, std::initializer_list<std::int64_t> tokens, bool cold = false) {
+void add_layer(const std::string& family, Feed feed, std::span<const std::int64_t> tokens, bool cold = false) {
   auto* b = add((cold ? "BM_Cold_" + family.substr(3) : family) + "/E:" + std::to_string(Cfg::experts),
                 [feed, cold](benchmark::State& st) { run_layer<Cfg>(st, feed, cold); }, cold)
                 ->ArgName("tokens");
@@ -332,13 +335,13 @@ void add_layer(const std::string& family, Feed feed, std::initializer_list<std::
 
 template <template <int> class Cfg, int E>
 void add_expert_count(const std::string& family, Feed feed) {
-  add_layer<Cfg<E>>(family, feed, {1, 8, 64, 512, 4096});
-  add_layer<Cfg<E>>(family, feed, {1, 8, 64}, true);
-  if (feed == Feed::kOneTask) add_layer<Cfg<E>>("BM_MoE_Task4", Feed::kFourTasks, {512, 4096});
+  add_layer<Cfg<E>>(family, feed, kTokenCounts);
+  add_layer<Cfg<E>>(family, feed, kSmallTokenCounts, true);
+  if (feed == Feed::kOneTask) add_layer<Cfg<E>>("BM_MoE_Task4", Feed::kFourTasks, kTask4TokenCounts);
   if (feed == Feed::kTokens && E == 32) {  // the stage breakdown reuses the E=32 layer before it is freed
     add("BM_Stage_TokenGating/E:32", BM_Stage_TokenGating<32>)->ArgName("tokens")->Arg(64)->Arg(4096);
     add("BM_Stage_TokenExperts/E:32", BM_Stage_TokenExperts<32>)->ArgName("tokens")->Arg(64)->Arg(4096);
-    add_layer<TokenCapacityCfg<32>>("BM_MoE_TokenCapacity", feed, {4096});
+    add_layer<TokenCapacityCfg<32>>("BM_MoE_TokenCapacity", feed, kLargeTokenCounts);
   }
 }
 
