@@ -48,6 +48,24 @@ TEST_SUITE("core") {
     CHECK(reinterpret_cast<std::uintptr_t>(moved.data()) % 64 == 0);
   }
 
+  TEST_CASE("Tensor: buffers of 2 MiB and more are 2 MiB-aligned (huge pages), zero-filled, and move-assignable") {
+    constexpr std::int64_t kHuge = std::int64_t{2} << 20;
+    // Just below, at, and above the threshold, and a size that is not a whole number of huge pages.
+    for (const std::int64_t count : {kHuge / 4 - 1, kHuge / 4, kHuge / 4 + 1, 3 * kHuge / 4 + 333}) {
+      Tensor<float, Cpu> t({count});
+      const auto address = reinterpret_cast<std::uintptr_t>(t.data());
+      INFO("elements=" << count);
+      CHECK(address % 64 == 0);
+      CHECK((address % static_cast<std::uintptr_t>(kHuge) == 0) == (count * 4 >= kHuge));
+      CHECK(std::all_of(t.data(), t.data() + count, [](float v) { return v == 0.0f; }));
+      t.data()[count - 1] = 1.0f;
+      // Move-assigning over a buffer of the other alignment frees each with its own (ASan checks the pairing).
+      Tensor<float, Cpu> other({count * 4 >= kHuge ? std::int64_t{5} : kHuge});
+      other = std::move(t);
+      CHECK(other.data()[count - 1] == 1.0f);
+    }
+  }
+
   TEST_CASE("Philox4x32-10 matches the Random123 known-answer vectors") {
     using P = Philox4x32;
     CHECK(P::generate({0, 0, 0, 0}, {0, 0}) == P::Counter{0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u});
@@ -156,9 +174,10 @@ TEST_SUITE("ops_cpu") {
   // c = a b^T with 2 rows or more runs the streaming kernel, in passes of kStreamRows rows: b cut into kBlockCols
   // runs walked together (runs of one row and of many), its last n mod kBlockCols rows as one more run (and as the
   // only one when n < kBlockCols), chunks of the runs shared by every block of 4 rows of a (one chunk, several, a
-  // partial last one), row blocks of 4 and remainders of 1 to 3, a partial last vector of k, more than 16 rows per
-  // run in a chunk (the scratch of c flushed mid-chunk), operands inside wider matrices (ld > cols), as the expert
-  // slabs use them, and more rows than one pass (513, 1100).
+  // partial last one), row blocks of 4 and remainders of 1 to 3, 5 to 8 rows in one block over kOnePassCols runs
+  // (with AVX-512; n below, at and above a multiple of 3), a partial last vector of k, more than 16 rows per run in a
+  // chunk (the scratch of c flushed mid-chunk), operands inside wider matrices (ld > cols), as the expert slabs use
+  // them, and more rows than one pass (513, 519, 1100: the last pass of 1, 7 and 76 rows).
   TEST_CASE_TEMPLATE("gemm_serial: the streaming x W^T kernel against double loops, strided operands", S, float,
                      double) {
     const double tol = std::is_same_v<S, float> ? 3e-6 : 1e-13;
@@ -167,6 +186,7 @@ TEST_SUITE("ops_cpu") {
                             {3, 6, 16}, {5, 70, 17}, {7, 65, 512},
                             {17, 97, 513}, {130, 31, 1100}, {4, 64, 1039}, {512, 37, 45}, {513, 29, 70},
                             {9, 150, 2050}, {6, 4099, 48}, {5, 2, 100}, {4, 3, 5}, {11, 1001, 600}, {1100, 9, 33},
+                            {8, 101, 77}, {8, 3, 16}, {8, 1, 9}, {7, 2, 40}, {6, 301, 33}, {519, 13, 40},
                             {backend::cpu::kStreamRows, 5, 16}}) {
       const std::int64_t m = mnk[0], n = mnk[1], k = mnk[2], pad = 3;
       Tensor<S, Cpu> a({m, k + pad}), b({n, k + pad}), c({m, n + pad});

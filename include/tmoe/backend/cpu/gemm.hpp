@@ -29,15 +29,19 @@ struct MatrixRef {
   std::int64_t rows, cols, ld;
 };
 
-/// The streaming kernel's register shape on this target: vectors of kVectorBytes, blocks of 4 rows of a by
-/// kBlockCols rows of b, so the 4 x kBlockCols accumulators, kBlockCols rows of b and one of a fit the register file
-/// (32 vector registers with AVX-512, 16 below it).
+/// The streaming kernel's register shapes on this target: vectors of kVectorBytes, blocks of kBlockRows = 4 rows of
+/// a by kBlockCols rows of b, so the 4 x kBlockCols accumulators, kBlockCols rows of b and one of a fit the register
+/// file (32 vector registers with AVX-512, 16 below it). Products of kBlockRows + 1 to kOnePassRows rows take one
+/// block of all their rows by kOnePassCols rows of b instead (8 x 3 accumulators with AVX-512), so every line of b is
+/// loaded once: a block of 4 rows and a second block reading the same lines from L2 left the memory stream idle
+/// during the second block's arithmetic (`bench/gemm`, one Xeon core, weights from DRAM: 7 and 8 rows 212-227 us with
+/// blocks of 4, 157-166 us in one pass, 1 row 139 us).
 #if defined(__AVX512F__)
-inline constexpr int kVectorBytes = 64, kBlockCols = 4;
+inline constexpr int kVectorBytes = 64, kBlockRows = 4, kBlockCols = 4, kOnePassRows = 8, kOnePassCols = 3;
 #elif defined(__AVX__)
-inline constexpr int kVectorBytes = 32, kBlockCols = 2;
+inline constexpr int kVectorBytes = 32, kBlockRows = 4, kBlockCols = 2, kOnePassRows = 4, kOnePassCols = 2;
 #else
-inline constexpr int kVectorBytes = 16, kBlockCols = 2;
+inline constexpr int kVectorBytes = 16, kBlockRows = 4, kBlockCols = 2, kOnePassRows = 4, kOnePassCols = 2;
 #endif
 
 /// Rows of `c = a * b^T` per pass of the streaming kernel below, which computes every such product with 2 rows or
@@ -188,21 +192,32 @@ inline void run_rows(S* c, std::int64_t ldc, std::int64_t run, const S* a, std::
   if (pending > 0) flush(j1);
 }
 
-/// Every row of a, in blocks of 4 and one block of 1 to 3, against rows [j0, j1) of Q runs of b (see run_rows).
-template <int Q, class S>
+/// The last R rows of a (1 <= R < RB), as one block of R rows.
+template <int Q, int RB, class S>
+inline void run_rest_rows(int rows, MatrixRef<S> c, MatrixRef<const S> a, const S* b, std::int64_t ldb,
+                          std::int64_t run, std::int64_t j0, std::int64_t j1, S alpha, S beta) {
+  if constexpr (RB > 1) {
+    if (rows == RB - 1) {
+      run_rows<RB - 1, Q>(c.data, c.ld, run, a.data, a.ld, b, ldb, a.cols, j0, j1, alpha, beta);
+    } else {
+      run_rest_rows<Q, RB - 1>(rows, c, a, b, ldb, run, j0, j1, alpha, beta);
+    }
+  }
+}
+
+/// Every row of a, in blocks of RB and one block of 1 to RB - 1, against rows [j0, j1) of Q runs of b (see
+/// run_rows).
+template <int Q, int RB, class S>
 inline void run_row_blocks(MatrixRef<S> c, MatrixRef<const S> a, const S* b, std::int64_t ldb, std::int64_t run,
                            std::int64_t j0, std::int64_t j1, S alpha, S beta) {
   std::int64_t i = 0;
-  for (; i + 4 <= c.rows; i += 4) {
-    run_rows<4, Q>(c.data + i * c.ld, c.ld, run, a.data + i * a.ld, a.ld, b, ldb, a.cols, j0, j1, alpha, beta);
+  for (; i + RB <= c.rows; i += RB) {
+    run_rows<RB, Q>(c.data + i * c.ld, c.ld, run, a.data + i * a.ld, a.ld, b, ldb, a.cols, j0, j1, alpha, beta);
   }
-  S* ci = c.data + i * c.ld;
-  const S* ai = a.data + i * a.ld;
-  switch (c.rows - i) {  // the remainder's block height is a compile-time constant too
-    case 3: run_rows<3, Q>(ci, c.ld, run, ai, a.ld, b, ldb, a.cols, j0, j1, alpha, beta); break;
-    case 2: run_rows<2, Q>(ci, c.ld, run, ai, a.ld, b, ldb, a.cols, j0, j1, alpha, beta); break;
-    case 1: run_rows<1, Q>(ci, c.ld, run, ai, a.ld, b, ldb, a.cols, j0, j1, alpha, beta); break;
-    default: break;
+  if (i < c.rows) {  // the remainder's block height is a compile-time constant too
+    run_rest_rows<Q, RB>(static_cast<int>(c.rows - i), MatrixRef<S>{c.data + i * c.ld, c.rows - i, c.cols, c.ld},
+                         MatrixRef<const S>{a.data + i * a.ld, c.rows - i, a.cols, a.ld}, b, ldb, run, j0, j1, alpha,
+                         beta);
   }
 }
 
@@ -212,25 +227,37 @@ inline void run_row_blocks(MatrixRef<S> c, MatrixRef<const S> a, const S* b, std
 inline constexpr std::int64_t kRunChunkBytes = 512 << 10;
 
 /// c (m, n) = alpha * a (m, k) b (n, k)^T + beta * c without packing, reading b once from memory: the streaming
-/// kernel (gemm_serial calls it for up to kStreamRows rows at a time). b's first kBlockCols * (n / kBlockCols) rows
-/// are cut into kBlockCols contiguous runs walked side by side, so the hardware prefetchers follow kBlockCols long
-/// sequential streams (kBlockCols adjacent rows are short streams that they do not run ahead of, and the arithmetic
-/// then waits for memory). The runs go in chunks of about kRunChunkBytes, which stay in L2 while every block of 4
-/// rows of a passes over them: the first block reads a chunk from memory, the others from L2. The last
-/// n mod kBlockCols rows are one more run.
-template <class S>
+/// kernel (gemm_serial calls it for up to kStreamRows rows at a time, through gemm_stream). b's first Q * (n / Q)
+/// rows are cut into Q contiguous runs walked side by side, so the hardware prefetchers follow Q long sequential
+/// streams (Q adjacent rows are short streams that they do not run ahead of, and the arithmetic then waits for
+/// memory). The runs go in chunks of about kRunChunkBytes, which stay in L2 while every block of RB rows of a passes
+/// over them: the first block reads a chunk from memory, the others from L2. The last n mod Q rows are one more
+/// run.
+template <class S, int RB, int Q>
 void gemm_stream_abt(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, S alpha, S beta) {
-  constexpr int Q = kBlockCols;
   const std::int64_t run = b.rows / Q, k = a.cols;
   const std::int64_t chunk = std::max<std::int64_t>(1, kRunChunkBytes / (Q * k * static_cast<std::int64_t>(sizeof(S))));
   for (std::int64_t j0 = 0; j0 < run; j0 += chunk) {
-    run_row_blocks<Q, S>(c, a, b.data, b.ld, run, j0, std::min(run, j0 + chunk), alpha, beta);
+    run_row_blocks<Q, RB, S>(c, a, b.data, b.ld, run, j0, std::min(run, j0 + chunk), alpha, beta);
   }
   const std::int64_t rest = b.rows - Q * run;
   if (rest > 0) {
-    run_row_blocks<1, S>(MatrixRef<S>{c.data + Q * run, c.rows, rest, c.ld}, a, b.data + Q * run * b.ld, b.ld, rest, 0,
-                         rest, alpha, beta);
+    run_row_blocks<1, RB, S>(MatrixRef<S>{c.data + Q * run, c.rows, rest, c.ld}, a, b.data + Q * run * b.ld, b.ld,
+                             rest, 0, rest, alpha, beta);
   }
+}
+
+/// c = alpha * a b^T + beta * c by the streaming kernel, in one block of rows when they fit one (kOnePassRows), else
+/// in blocks of kBlockRows.
+template <class S>
+void gemm_stream(MatrixRef<S> c, MatrixRef<const S> a, MatrixRef<const S> b, S alpha, S beta) {
+  if constexpr (kOnePassRows > kBlockRows) {
+    if (c.rows > kBlockRows && c.rows <= kOnePassRows) {
+      gemm_stream_abt<S, kOnePassRows, kOnePassCols>(c, a, b, alpha, beta);
+      return;
+    }
+  }
+  gemm_stream_abt<S, kBlockRows, kBlockCols>(c, a, b, alpha, beta);
 }
 
 }  // namespace detail
@@ -250,8 +277,8 @@ void gemm_serial(MatrixRef<S> c, MatrixRef<const S> a, Trans ta, MatrixRef<const
   if (ta == Trans::kN && tb == Trans::kT && c.rows > 1) {
     for (std::int64_t i0 = 0; i0 < c.rows; i0 += kStreamRows) {
       const std::int64_t rows = std::min(kStreamRows, c.rows - i0);
-      detail::gemm_stream_abt(MatrixRef<S>{c.data + i0 * c.ld, rows, c.cols, c.ld},
-                              MatrixRef<const S>{a.data + i0 * a.ld, rows, a.cols, a.ld}, b, alpha, beta);
+      detail::gemm_stream(MatrixRef<S>{c.data + i0 * c.ld, rows, c.cols, c.ld},
+                          MatrixRef<const S>{a.data + i0 * a.ld, rows, a.cols, a.ld}, b, alpha, beta);
     }
     return;
   }
