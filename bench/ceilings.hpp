@@ -15,6 +15,11 @@
 #include <cstdio>
 #include <memory>
 #include <mutex>
+#include <span>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include <tmoe/tmoe.hpp>
 
@@ -124,23 +129,67 @@ inline float read_range(const float* p, std::int64_t bytes) {
 /// One read pass over the whole bandwidth buffer.
 inline float read_pass() { return read_range(bandwidth_buffer(), kBandwidthBytes); }
 
-/// Bytes read by evict_caches(): four times this guest's 32 MiB L3 (and far above its 1 MiB L2 per core).
-inline constexpr std::int64_t kEvictBytes = 128LL << 20;
+/// A buffer a case reads, to be flushed from the caches before each cold call.
+struct Bytes {
+  const void* data;
+  std::int64_t size;
+};
 
-/// Pushes whatever a case touched out of the caches, so its next call reads its weights from DRAM, as a layer of a
-/// model much larger than the LLC does: one read pass, on the context's threads, over the next kEvictBytes window of
-/// the bandwidth buffer (the windows rotate, so each was last read 7 passes ago and comes from DRAM too). Reads, not
-/// writes, so no dirty lines are left to be written back inside the next timing. Returns the pass's read bandwidth
-/// in bytes per second: the memory bandwidth of the moment, which on a shared host moves by tens of percent within
-/// minutes.
-inline double evict_caches() {
+/// Writes back and drops from every cache level the lines of [p, p + bytes) (clflushopt or clflush on x86; elsewhere
+/// nothing, and evict_caches' read pass alone does the eviction). Unlike a read pass over a larger buffer this does not
+/// depend on the size or the replacement policy of the last-level cache: on a guest of a host with a 480 MiB L3 a
+/// 16 MiB buffer still read from L3 after a read pass over 128 MiB, and from DRAM after a flush.
+inline void flush_lines(const void* p, std::int64_t bytes) {
+#if defined(__x86_64__) || defined(__i386__)
+  constexpr std::int64_t kLine = 64;
+  // The intrinsics take void*; a flush writes nothing the program can see.
+  auto* first = static_cast<char*>(const_cast<void*>(p));
+  const auto skew = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(first) % kLine);
+  for (std::int64_t i = -skew; i < bytes; i += kLine) {
+#if defined(__CLFLUSHOPT__)
+    _mm_clflushopt(first + i);
+#else
+    _mm_clflush(first + i);
+#endif
+  }
+  _mm_mfence();
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+/// Runs an empty job on every thread of the context, so its workers are awake and spinning (for the pool's spin
+/// period) when the next timed call forks: after an untimed eviction or flush longer than that period they have
+/// blocked, and waking a blocked worker costs tens to hundreds of microseconds on a virtual machine (a 2-thread
+/// up-projection of one row from DRAM took 360 us with the worker asleep). Within a model's forward pass the layers
+/// follow each other and the workers do not sleep between them, so the timed call should not pay for the wake-up.
+inline void wake_workers() {
+  context().parallel(context().threads(), [](std::int64_t) {});
+}
+
+/// Bytes read by evict_caches(): 16 times the largest L2 seen here (2 MiB per core), and the 32 MiB L3 of one guest.
+inline constexpr std::int64_t kEvictBytes = 32LL << 20;
+
+/// Puts a case's next call in front of cold caches, so it reads its weights from DRAM, as a layer of a model much
+/// larger than the LLC does: flushes every buffer in `touched` (the case's weights) from the caches, and runs one
+/// read pass on the context's threads over the next kEvictBytes window of the bandwidth buffer, flushed first so
+/// that the pass reads DRAM whatever the LLC holds, which pushes everything else out of L1 and L2. Returns the
+/// pass's read bandwidth in bytes per second: the memory bandwidth of the moment, which on a shared host moves by tens
+/// of percent within minutes. Nothing is written, so no dirty lines are left to be written back inside the next
+/// timing. Ends by waking the context's workers (wake_workers).
+inline double evict_caches(std::span<const Bytes> touched = {}) {
   static std::int64_t window = 0;
   const std::int64_t windows = kBandwidthBytes / kEvictBytes;
   const float* p = bandwidth_buffer() + (window++ % windows) * (kEvictBytes / static_cast<std::int64_t>(sizeof(float)));
+  flush_lines(p, kEvictBytes);
   const auto t0 = std::chrono::steady_clock::now();
   float s = read_range(p, kEvictBytes);
+  const double seconds = seconds_since(t0);
   benchmark::DoNotOptimize(s);
-  return static_cast<double>(kEvictBytes) / seconds_since(t0);
+  for (const Bytes& b : touched) flush_lines(b.data, b.size);
+  wake_workers();
+  return static_cast<double>(kEvictBytes) / seconds;
 }
 
 struct Ceilings {

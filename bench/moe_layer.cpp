@@ -8,12 +8,14 @@
 //   BM_MoE_TokenCapacity/E:32    token routing with CapacityFactor<5, 4>, for reference
 //   BM_Stage_TokenGating/E:32    router GEMM + softmax + build_plan only (the gating stage), at 64 and 4096 tokens
 //   BM_Stage_TokenExperts/E:32   experts_forward only, on a forward's own plan and gathered rows, at 64 and 4096 tokens
+//   BM_Stage_TokenPermute/E:32   dispatch_rows + combine_rows only (the permutation and the combine), same plan
 //   BM_MoE_Sentence/E:E          sentence routing, Dropless, rows of 32 tokens (one row of N when N < 32)
 //   BM_MoE_Task/E:E              task routing, one task for the whole batch (4 tasks in the embedding)
 //   BM_MoE_Task4/E:E             task routing, 4 contiguous tasks of N/4 tokens each
-//   BM_Cold_Dense, BM_Cold_MoE_* the same at 1, 8 and 64 tokens with the caches evicted before every call (a 128 MiB
-//                                read pass, untimed; manual time): the weights come from DRAM, as in a model much
-//                                larger than the LLC, which is what the DRAM roofline assumes
+//   BM_Cold_Dense, BM_Cold_MoE_* the same at 1, 8 and 64 tokens with the caches evicted before every call (the
+//                                weights flushed with clflushopt and a 32 MiB read pass, untimed; manual time): the
+//                                weights come from DRAM, as in a model much larger than the LLC, which is what the
+//                                DRAM roofline assumes
 //
 // Counters: tokens/s; GFLOP/s of the FLOPs computed (router GEMM + 4*C*F per dispatched row, or 4*N*C*F for the
 // dense FFN); weight_MB, the expert weights touched per call (experts with >= 1 dispatched row x 2*C*F*4 bytes);
@@ -29,7 +31,7 @@
 // Run (the numbers in bench/RESULTS.md):
 //   build-bench/bench/moe_layer --benchmark_min_time=0.2 --benchmark_repetitions=3
 //       --benchmark_report_aggregates_only=true --benchmark_out=moe_layer.json --benchmark_out_format=json
-//   (one command line; about 5 minutes on 2 cores, half of it the cold cases' evictions)
+//   (one command line; about 5 minutes on the Zen 5 guest and 11 on the Intel one of bench/RESULTS.md, 2 cores)
 
 #include <benchmark/benchmark.h>
 
@@ -150,14 +152,14 @@ const Tensor<std::int32_t, Cpu>& task_ids(std::int64_t rows) {
 // Cases.
 
 /// Runs the benchmark loop over fn: back to back (warm: whatever fits stays in the caches between calls), or with the
-/// caches evicted before each call and only the call timed (cold; the case is registered with UseManualTime).
-/// Returns the best read bandwidth of the eviction passes (0 when warm).
+/// caches evicted and the buffers in `weights` flushed before each call, and only the call timed (cold; the case is
+/// registered with UseManualTime). Returns the best read bandwidth of the eviction passes (0 when warm).
 template <class Fn>
-double time_calls(benchmark::State& state, bool cold, float* out, Fn&& fn) {
+double time_calls(benchmark::State& state, bool cold, std::span<const Bytes> weights, float* out, Fn&& fn) {
   double bw = 0;
   for (auto _ : state) {
     if (cold) {
-      bw = std::max(bw, evict_caches());
+      bw = std::max(bw, evict_caches(weights));
       const auto t0 = std::chrono::steady_clock::now();
       fn();
       state.SetIterationTime(seconds_since(t0));
@@ -228,7 +230,9 @@ void run_layer(benchmark::State& state, Feed feed, bool cold) {
   typename LayerT<Cfg>::Cache cache;
   l.forward(ctx, in, out, cache);  // sizes the cache's buffers and gives the plan the counters read
   const auto [flops, bytes] = work_of<Cfg>(cache);
-  const double bw = time_calls(state, cold, out.data(), [&] { l.forward(ctx, in, out, cache); });
+  std::vector<Bytes> weights;
+  for (const auto& p : l.parameters()) weights.push_back({p.view.data(), p.view.numel() * std::int64_t{sizeof(float)}});
+  const double bw = time_calls(state, cold, weights, out.data(), [&] { l.forward(ctx, in, out, cache); });
   set_counters(state, n, flops, bytes, bw);
   state.counters["experts_touched"] = bytes / (2.0 * kModel * kFF * sizeof(float));
   if constexpr (!Cfg::dropless) state.counters["dropped"] = static_cast<double>(cache.plan.dropped());
@@ -251,7 +255,9 @@ void run_dense(benchmark::State& state, bool cold) {
   const float* x = input(n).data();
   float* y = output(n).data();
   Tensor<float, Cpu> hidden({n, f});
-  const double bw = time_calls(state, cold, y, [&] {
+  const Bytes touched[] = {{w->wi.data(), w->wi.numel() * std::int64_t{sizeof(float)}},
+                           {w->wo.data(), w->wo.numel() * std::int64_t{sizeof(float)}}};
+  const double bw = time_calls(state, cold, touched, y, [&] {
     moe::expert_dense_forward<Relu, float>(ctx, y, hidden.data(), nullptr, x, n, w->wi.data(), w->wo.data(), kModel,
                                            f, 1.0f, 0.0f);
   });
@@ -304,6 +310,32 @@ void BM_Stage_TokenExperts(benchmark::State& state) {
   set_counters(state, n, flops - router, bytes);
 }
 
+/// Permutation stages of the token layer alone: dispatch_rows (gather each row's token) and combine_rows (the
+/// gate-weighted sum of each token's expert outputs), over a forward's own plan, as the layer runs them.
+template <int E>
+void BM_Stage_TokenPermute(benchmark::State& state) {
+  using Cfg = TokenCfg<E>;
+  const std::int64_t n = state.range(0);
+  CpuContext& ctx = context();
+  LayerT<Cfg>& l = layer<Cfg>();
+  typename LayerT<Cfg>::Cache cache;
+  l.forward(ctx, {.x = input(n).cview()}, output(n).view(), cache);
+  const auto& plan = cache.plan;
+  const std::int64_t rows = plan.rows();
+  Tensor<float, Cpu> xd({rows, kModel});
+  const float* x = input(n).data();
+  float* y = output(n).data();
+  for (auto _ : state) {
+    moe::dispatch_rows<float>(ctx, xd.data(), x, plan.row_token.data(), rows, kModel);
+    moe::combine_rows<Cfg::top_k, float, float>(ctx, y, cache.expert_out.data(), plan.row.data(), plan.gate.data(),
+                                                n, kModel);
+    benchmark::DoNotOptimize(xd.data());
+    benchmark::DoNotOptimize(y);
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, n, 2.0 * static_cast<double>(rows) * kModel, 0.0);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Registration, grouped by layer type so each layer is built once.
 
@@ -341,6 +373,7 @@ void add_expert_count(const std::string& family, Feed feed) {
   if (feed == Feed::kTokens && E == 32) {  // the stage breakdown reuses the E=32 layer before it is freed
     add("BM_Stage_TokenGating/E:32", BM_Stage_TokenGating<32>)->ArgName("tokens")->Arg(64)->Arg(4096);
     add("BM_Stage_TokenExperts/E:32", BM_Stage_TokenExperts<32>)->ArgName("tokens")->Arg(64)->Arg(4096);
+    add("BM_Stage_TokenPermute/E:32", BM_Stage_TokenPermute<32>)->ArgName("tokens")->Arg(64)->Arg(4096);
     add_layer<TokenCapacityCfg<32>>("BM_MoE_TokenCapacity", feed, kLargeTokenCounts);
   }
 }

@@ -40,8 +40,13 @@ def main(path):
            "BM_Stage_TokenExperts/E:32/tokens:4096")
     if all(n in med for n in big):
         dense, task, token, experts = (time(n) for n in big)
-        print("\ntask/dense %.3f, token/dense %.3f, overhead share %.3f" % (task / dense, token / dense,
-                                                                          (token - experts) / token))
+        print("\ntask/dense %.3f, token/dense %.3f, layer minus expert stage over layer %.3f"
+              % (task / dense, token / dense, (token - experts) / token))
+        stages = ("BM_Stage_TokenGating/E:32/tokens:4096", "BM_Stage_TokenPermute/E:32/tokens:4096")
+        if all(n in med for n in stages):
+            gating, permute = (time(n) for n in stages)
+            print("overhead share (gating %.0f us + permutation and combine %.0f us, each timed alone, over the layer)"
+                  " %.3f" % (gating, permute, (gating + permute) / token))
     small_batch_grid(med, "BM_MoE", "roofline_frac", "warm: back-to-back calls, weights that fit stay in the L3")
     small_batch_grid(med, "BM_Cold_MoE", "roofline_frac",
                      "cold: caches evicted before each call, weights from DRAM; against the ceilings of the run's start")

@@ -7,6 +7,7 @@
 /// work splits evenly however tokens spread over experts, each weight byte is read by one thread, and the
 /// partition depends only on the thread count. The activation is applied per slab while it is hot in cache.
 
+#include <algorithm>
 #include <cstdint>
 
 #include "tmoe/backend/cpu/context.hpp"
@@ -20,6 +21,35 @@ inline std::pair<std::int64_t, std::int64_t> slab(std::int64_t n, std::int64_t p
   const std::int64_t blocks = (n + 15) / 16;
   const std::int64_t b0 = blocks * t / parts, b1 = blocks * (t + 1) / parts;
   return {std::min(n, b0 * 16), std::min(n, b1 * 16)};
+}
+
+/// Dispatch of the permuted path: row r of xd (R, C) is x's row row_token[r], rows split over the threads.
+template <class S>
+void dispatch_rows(CpuContext& ctx, S* xd, const S* x, const std::int64_t* row_token, std::int64_t R,
+                   std::int64_t C) {
+  ctx.parallel_range(R, 64, [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r) std::copy_n(x + row_token[r] * C, C, xd + r * C);
+  });
+}
+
+/// Combine of the permuted path: y_n = sum_j gate(n, j) * yo(row(n, j)) over the K choices of token n in ascending
+/// j (a fixed order), skipping dropped choices (row < 0); tokens split over the threads, each y_n written once.
+template <int K, class S, class Real>
+void combine_rows(CpuContext& ctx, S* y, const S* yo, const std::int64_t* row, const Real* gate, std::int64_t N,
+                  std::int64_t C) {
+  ctx.parallel_range(N, 32, [&](std::int64_t n0, std::int64_t n1) {
+    for (std::int64_t n = n0; n < n1; ++n) {
+      S* yn = y + n * C;
+      std::fill_n(yn, C, S(0));
+      for (int j = 0; j < K; ++j) {
+        const std::int64_t r = row[n * K + j];
+        if (r < 0) continue;
+        const S g = static_cast<S>(gate[n * K + j]);
+        const S* src = yo + r * C;
+        for (std::int64_t c = 0; c < C; ++c) yn[c] += g * src[c];
+      }
+    }
+  });
 }
 
 /// hidden (R, F) = Act(x (R, C) * wi_e^T) and y (R, C) = hidden * wo_e^T for the rows of each expert e.

@@ -398,33 +398,12 @@ class Layer<Config, Scalar, Cpu> {
     const bool keep_pre = training && !std::is_same_v<Act, nn::Relu>;
     if (keep_pre) cache.pre.resize({R, F});
 
-    const std::int64_t* row_token = plan.row_token.data();
     Scalar* xd = cache.dispatched.data();
-    ctx.parallel_range(R, 64, [&](std::int64_t r0, std::int64_t r1) {
-      for (std::int64_t r = r0; r < r1; ++r) {
-        std::copy_n(x + row_token[r] * C, C, xd + r * C);
-      }
-    });
+    dispatch_rows<Scalar>(ctx, xd, x, plan.row_token.data(), R, C);
     experts_forward<Act, Scalar, E>(ctx, cache.expert_out.data(), cache.hidden.data(),
                                     keep_pre ? cache.pre.data() : nullptr, xd, wi_.value.data(), wo_.value.data(),
                                     plan.expert_offset.data(), C, F);
-    // Combine: y_n = sum_j gate(n, j) * expert_out(row(n, j)), j ascending, one thread per token.
-    const Real* gate = plan.gate.data();
-    const std::int64_t* row = plan.row.data();
-    const Scalar* yo = cache.expert_out.data();
-    ctx.parallel_range(N, 32, [&](std::int64_t n0, std::int64_t n1) {
-      for (std::int64_t n = n0; n < n1; ++n) {
-        Scalar* yn = y + n * C;
-        std::fill_n(yn, C, Scalar(0));
-        for (int j = 0; j < K; ++j) {
-          const std::int64_t r = row[n * K + j];
-          if (r < 0) continue;
-          const Scalar g = static_cast<Scalar>(gate[n * K + j]);
-          const Scalar* src = yo + r * C;
-          for (std::int64_t c = 0; c < C; ++c) yn[c] += g * src[c];
-        }
-      }
-    });
+    combine_rows<K, Scalar, Real>(ctx, y, cache.expert_out.data(), plan.row.data(), plan.gate.data(), N, C);
   }
 
   // Task path: one contiguous range per task, K dense FFN calls each; no permutation when tasks are contiguous.
