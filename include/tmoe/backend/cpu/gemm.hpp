@@ -50,7 +50,8 @@ inline constexpr int kVectorBytes = 16, kBlockRows = 4, kBlockCols = 2, kOnePass
 /// its micro-kernel wants many rows of a; with few rows (decoding, tokens spread over many experts) packing costs as
 /// much as the arithmetic. `bench/gemm` measures both on one Zen 5 core: with AVX-512 the streaming kernel is faster
 /// at every row count from 2 (1.3x at 512 and 1024 rows); built for SSE2 it is faster up to 512 rows and level at
-/// 1024. One row goes to Eigen's GEMV, which already streams.
+/// 1024. On one core of an Intel Xeon guest Eigen overtakes it from about 64 rows (it is 0.83-0.87x of Eigen's speed
+/// at 512 rows); the switch is the same on every CPU. One row goes to Eigen's GEMV, which already streams.
 inline constexpr std::int64_t kStreamRows = 512;
 
 namespace detail {
