@@ -287,6 +287,15 @@ void BM_Stage_TokenGating(benchmark::State& state) {
   set_counters(state, n, 2.0 * static_cast<double>(n) * kModel * E, 0.0);
 }
 
+/// The cache of one forward of the layer of Cfg over the first n rows of the shared input (its plan, dispatched
+/// rows and expert outputs), for the stage cases to replay.
+template <class Cfg>
+typename LayerT<Cfg>::Cache forwarded(std::int64_t n) {
+  typename LayerT<Cfg>::Cache cache;
+  layer<Cfg>().forward(context(), {.x = input(n).cview()}, output(n).view(), cache);
+  return cache;
+}
+
 /// Expert stage of the token layer alone: experts_forward over a forward's own plan, on its gathered rows.
 template <int E>
 void BM_Stage_TokenExperts(benchmark::State& state) {
@@ -294,8 +303,7 @@ void BM_Stage_TokenExperts(benchmark::State& state) {
   const std::int64_t n = state.range(0);
   CpuContext& ctx = context();
   LayerT<Cfg>& l = layer<Cfg>();
-  typename LayerT<Cfg>::Cache cache;
-  l.forward(ctx, {.x = input(n).cview()}, output(n).view(), cache);
+  const typename LayerT<Cfg>::Cache cache = forwarded<Cfg>(n);
   const std::int64_t rows = cache.plan.rows();
   Tensor<float, Cpu> xd({rows, kModel}), hidden({rows, kFF}), yo({rows, kModel});
   std::copy_n(cache.dispatched.data(), rows * kModel, xd.data());
@@ -317,9 +325,7 @@ void BM_Stage_TokenPermute(benchmark::State& state) {
   using Cfg = TokenCfg<E>;
   const std::int64_t n = state.range(0);
   CpuContext& ctx = context();
-  LayerT<Cfg>& l = layer<Cfg>();
-  typename LayerT<Cfg>::Cache cache;
-  l.forward(ctx, {.x = input(n).cview()}, output(n).view(), cache);
+  const typename LayerT<Cfg>::Cache cache = forwarded<Cfg>(n);
   const auto& plan = cache.plan;
   const std::int64_t rows = plan.rows();
   Tensor<float, Cpu> xd({rows, kModel});
