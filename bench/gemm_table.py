@@ -14,7 +14,8 @@ def main(path):
     medians = {}
     for b in json.load(open(path))["benchmarks"]:
         if b.get("aggregate_name", "median") == "median":
-            medians[b["run_name"] if "run_name" in b else b["name"]] = b
+            name = b["run_name"] if "run_name" in b else b["name"]
+            medians[name.replace("/manual_time", "").replace("/real_time", "")] = b
     for k, n, what in SHAPES:
         print(f"k {k}, n {n} ({what}):\n")
         print("| m | tmoe gemm_serial (us) | GFLOP/s | weight GB/s | Eigen (us) | GFLOP/s | Eigen / tmoe |")
