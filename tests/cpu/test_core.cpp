@@ -174,7 +174,8 @@ TEST_SUITE("ops_cpu") {
   // c = a b^T with 2 rows or more runs the streaming kernel, in passes of kStreamRows rows: b cut into kBlockCols
   // runs walked together (runs of one row and of many), its last n mod kBlockCols rows as one more run (and as the
   // only one when n < kBlockCols), chunks of the runs shared by every block of 4 rows of a (one chunk, several, a
-  // partial last one), row blocks of 4 and remainders of 1 to 3, 5 to 8 rows in one block over kOnePassCols runs
+  // partial last one; chunks of one row per run up to kInterleaveRows rows of a: 9, 11, 17 and 32 rows, and 33 rows
+  // just above), row blocks of 4 and remainders of 1 to 3, 5 to 8 rows in one block over kOnePassCols runs
   // (with AVX-512; n below, at and above a multiple of 3), a partial last vector of k, more than 16 rows per run in a
   // chunk (the scratch of c flushed mid-chunk), operands inside wider matrices (ld > cols), as the expert slabs use
   // them, and more rows than one pass (513, 519, 1100: the last pass of 1, 7 and 76 rows).
@@ -187,6 +188,8 @@ TEST_SUITE("ops_cpu") {
                             {17, 97, 513}, {130, 31, 1100}, {4, 64, 1039}, {512, 37, 45}, {513, 29, 70},
                             {9, 150, 2050}, {6, 4099, 48}, {5, 2, 100}, {4, 3, 5}, {11, 1001, 600}, {1100, 9, 33},
                             {8, 101, 77}, {8, 3, 16}, {8, 1, 9}, {7, 2, 40}, {6, 301, 33}, {519, 13, 40},
+                            {backend::cpu::detail::kInterleaveRows, 45, 70},
+                            {backend::cpu::detail::kInterleaveRows + 1, 41, 515},
                             {backend::cpu::kStreamRows, 5, 16}}) {
       const std::int64_t m = mnk[0], n = mnk[1], k = mnk[2], pad = 3;
       Tensor<S, Cpu> a({m, k + pad}), b({n, k + pad}), c({m, n + pad});
