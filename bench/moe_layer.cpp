@@ -8,7 +8,7 @@
 //   BM_MoE_TokenCapacity/E:32    token routing with CapacityFactor<5, 4>, for reference
 //   BM_Stage_TokenGating/E:32    router GEMM + softmax + build_plan only (the gating stage), at 64 and 4096 tokens
 //   BM_Stage_TokenExperts/E:32   experts_forward only, on a forward's own plan and gathered rows, at 64 and 4096 tokens
-//   BM_Stage_TokenPermute/E:32   dispatch_rows + combine_rows only (the permutation and the combine), same plan
+//   BM_Stage_TokenPermute/E:32   gather_rows + combine_rows only (the permutation and the combine), same plan
 //   BM_MoE_Sentence/E:E          sentence routing, Dropless, rows of 32 tokens (one row of N when N < 32)
 //   BM_MoE_Task/E:E              task routing, one task for the whole batch (4 tasks in the embedding)
 //   BM_MoE_Task4/E:E             task routing, 4 contiguous tasks of N/4 tokens each
@@ -318,7 +318,7 @@ void BM_Stage_TokenExperts(benchmark::State& state) {
   set_counters(state, n, flops - router, bytes);
 }
 
-/// Permutation stages of the token layer alone: dispatch_rows (gather each row's token) and combine_rows (the
+/// Permutation stages of the token layer alone: gather_rows (gather each row's token) and combine_rows (the
 /// gate-weighted sum of each token's expert outputs), over a forward's own plan, as the layer runs them.
 template <int E>
 void BM_Stage_TokenPermute(benchmark::State& state) {
@@ -332,7 +332,7 @@ void BM_Stage_TokenPermute(benchmark::State& state) {
   const float* x = input(n).data();
   float* y = output(n).data();
   for (auto _ : state) {
-    moe::dispatch_rows<float>(ctx, xd.data(), x, plan.row_token.data(), rows, kModel);
+    tmoe::backend::cpu::gather_rows<float, std::int64_t>(ctx, xd.data(), x, plan.row_token.data(), rows, kModel);
     moe::combine_rows<Cfg::top_k, float, float>(ctx, y, cache.expert_out.data(), plan.row.data(), plan.gate.data(),
                                                 n, kModel);
     benchmark::DoNotOptimize(xd.data());

@@ -23,15 +23,6 @@ inline std::pair<std::int64_t, std::int64_t> slab(std::int64_t n, std::int64_t p
   return {std::min(n, b0 * 16), std::min(n, b1 * 16)};
 }
 
-/// Dispatch of the permuted path: row r of xd (R, C) is x's row row_token[r], rows split over the threads.
-template <class S>
-void dispatch_rows(CpuContext& ctx, S* xd, const S* x, const std::int64_t* row_token, std::int64_t R,
-                   std::int64_t C) {
-  ctx.parallel_range(R, 64, [&](std::int64_t r0, std::int64_t r1) {
-    for (std::int64_t r = r0; r < r1; ++r) std::copy_n(x + row_token[r] * C, C, xd + r * C);
-  });
-}
-
 /// Combine of the permuted path: y_n = sum_j gate(n, j) * yo(row(n, j)) over the K choices of token n in ascending
 /// j (a fixed order), skipping dropped choices (row < 0); tokens split over the threads, each y_n written once.
 template <int K, class S, class Real>

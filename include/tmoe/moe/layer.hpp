@@ -399,7 +399,7 @@ class Layer<Config, Scalar, Cpu> {
     if (keep_pre) cache.pre.resize({R, F});
 
     Scalar* xd = cache.dispatched.data();
-    dispatch_rows<Scalar>(ctx, xd, x, plan.row_token.data(), R, C);
+    backend::cpu::gather_rows<Scalar, std::int64_t>(ctx, xd, x, plan.row_token.data(), R, C);  // the dispatch
     experts_forward<Act, Scalar, E>(ctx, cache.expert_out.data(), cache.hidden.data(),
                                     keep_pre ? cache.pre.data() : nullptr, xd, wi_.value.data(), wo_.value.data(),
                                     plan.expert_offset.data(), C, F);

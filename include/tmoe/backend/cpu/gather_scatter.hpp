@@ -12,6 +12,17 @@
 
 namespace tmoe::backend::cpu {
 
+/// out[i, :] = src[index[i], :] for i in [0, r), rows of c elements, split over the threads. Trusted: every index is
+/// a row of src (the MoE layer's dispatch, whose plan holds valid rows by construction, calls it directly).
+template <class S, class I>
+void gather_rows(CpuContext& ctx, S* out, const S* src, const I* index, std::int64_t r, std::int64_t c) {
+  ctx.parallel_range(r, 32, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t i = b; i < e; ++i) {
+      std::memcpy(out + i * c, src + static_cast<std::int64_t>(index[i]) * c, static_cast<std::size_t>(c) * sizeof(S));
+    }
+  });
+}
+
 /// out[r, :] = src[index[r], :] for r in [0, R). Every index must be in [0, rows of src).
 template <class S, class I>
 void gather_rows(CpuContext& ctx, TensorView<S, Cpu> out, ConstTensorView<S, Cpu> src, ConstTensorView<I, Cpu> index) {
@@ -29,12 +40,7 @@ void gather_rows(CpuContext& ctx, TensorView<S, Cpu> out, ConstTensorView<S, Cpu
                        " out of range [0, " + std::to_string(n) + ")");
     }
   }
-  ctx.parallel_range(r, 32, [&](std::int64_t b, std::int64_t e) {
-    for (std::int64_t i = b; i < e; ++i) {
-      std::memcpy(out.data() + i * c, src.data() + static_cast<std::int64_t>(index.data()[i]) * c,
-                  static_cast<std::size_t>(c) * sizeof(S));
-    }
-  });
+  gather_rows<S, I>(ctx, out.data(), src.data(), index.data(), r, c);
 }
 
 /// out[index[r], :] += src[r, :], in increasing r, on one thread per destination range so the summation
