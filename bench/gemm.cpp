@@ -110,7 +110,9 @@ void BM_Gemm_Parallel(benchmark::State& state) {
 void serial_shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"k", "n", "m"});
   for (const auto& [k, n] : {std::pair<std::int64_t, std::int64_t>{512, 1024}, {2048, 256}}) {
-    for (const std::int64_t m : {1, 2, 3, 4, 7, 8, 10, 13, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024}) b->Args({k, n, m});
+    for (const std::int64_t m : {1, 2, 3, 4, 7, 8, 10, 13, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024}) {
+      b->Args({k, n, m});
+    }
   }
 }
 

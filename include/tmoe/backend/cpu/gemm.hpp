@@ -230,7 +230,7 @@ inline constexpr std::int64_t kRunChunkBytes = 512 << 10;
 /// Up to this many rows of a, the chunks are one row of each run: every block of rows takes a row of b while it is
 /// still in L1, just after the first block read it from memory, so the memory stream pauses only for a few blocks'
 /// arithmetic at a time. On one Xeon core (bench/gemm, weights from memory, k 512 and 2048) this took 13-16 rows
-/// from 253-283 to 208-252 us and 24-32 rows 3-8% faster; from 48 rows the L2 chunks were faster again.
+/// from 250-284 to 195-237 us and made 24-32 rows 8-20% faster; from 48 rows the L2 chunks were as fast or faster.
 inline constexpr std::int64_t kInterleaveRows = 32;
 
 /// c (m, n) = alpha * a (m, k) b (n, k)^T + beta * c without packing, reading b once from memory: the streaming
