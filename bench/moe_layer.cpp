@@ -12,6 +12,9 @@
 //   BM_MoE_Sentence/E:E          sentence routing, Dropless, rows of 32 tokens (one row of N when N < 32)
 //   BM_MoE_Task/E:E              task routing, one task for the whole batch (4 tasks in the embedding)
 //   BM_MoE_Task4/E:E             task routing, 4 contiguous tasks of N/4 tokens each
+//   BM_MoE_TaskFixed/E:E         task routing, one task, at 1, 8 and 64 tokens, every task's router logits computed
+//                                once before the timed calls (Layer::task_logits, passed as Input::task_logits), as
+//                                decoding runs a task-routed layer between weight updates: no gate projection per call
 //   BM_Cold_Dense, BM_Cold_MoE_* the same at 1, 8 and 64 tokens with the caches evicted before every call (the
 //                                weights flushed with clflushopt and a 32 MiB read pass, untimed; manual time): the
 //                                weights come from DRAM, as in a model much larger than the LLC, which is what the
@@ -181,7 +184,7 @@ using SentenceCfg = moe::Config<tmoe::route::Sentence, tmoe::Experts<E>, tmoe::T
 template <int E>
 using TaskCfg = moe::Config<tmoe::route::Task, tmoe::Experts<E>, tmoe::TopK<2>>;
 
-enum class Feed { kTokens, kSentences, kOneTask, kFourTasks };
+enum class Feed { kTokens, kSentences, kOneTask, kOneTaskFixed, kFourTasks };
 
 /// The layer's input shape for N tokens.
 tmoe::Shape input_shape(Feed feed, std::int64_t n) {
@@ -189,6 +192,7 @@ tmoe::Shape input_shape(Feed feed, std::int64_t n) {
     case Feed::kSentences:
       return n < kRowLength ? tmoe::Shape{1, n, kModel} : tmoe::Shape{(n + kRowLength - 1) / kRowLength, kRowLength, kModel};
     case Feed::kOneTask:
+    case Feed::kOneTaskFixed:
       return tmoe::Shape{1, n, kModel};
     case Feed::kFourTasks:
       return tmoe::Shape{kTasks, n / kTasks, kModel};
@@ -198,13 +202,13 @@ tmoe::Shape input_shape(Feed feed, std::int64_t n) {
   }
 }
 
-/// FLOPs and expert weight bytes of the call the cache describes.
+/// FLOPs and expert weight bytes of the call the cache describes (with the router GEMM unless its logits were given).
 template <class Cfg>
-std::pair<double, double> work_of(const typename LayerT<Cfg>::Cache& cache) {
+std::pair<double, double> work_of(const typename LayerT<Cfg>::Cache& cache, bool router_computed) {
   const auto& plan = cache.plan;
   std::int64_t touched = 0;
   for (int e = 0; e < Cfg::experts; ++e) touched += plan.expert_count.data()[e] > 0 ? 1 : 0;
-  const double router = 2.0 * static_cast<double>(cache.logits.dim(0)) * kModel * Cfg::experts;
+  const double router = router_computed ? 2.0 * static_cast<double>(cache.logits.dim(0)) * kModel * Cfg::experts : 0.0;
   const double experts = 4.0 * kModel * kFF * static_cast<double>(plan.rows());
   const double bytes = static_cast<double>(touched) * 2.0 * kModel * kFF * sizeof(float);
   return {router + experts, bytes};
@@ -225,11 +229,20 @@ void run_layer(benchmark::State& state, Feed feed, bool cold) {
   LayerT<Cfg>& l = layer<Cfg>();
   const tmoe::Shape shape = input_shape(feed, n);
   moe::Input<float, Cpu> in{.x = input(n).view().reshape(shape)};
-  if (feed == Feed::kOneTask || feed == Feed::kFourTasks) in.task_ids = task_ids(shape[0]).cview();
+  if (feed == Feed::kOneTask || feed == Feed::kOneTaskFixed || feed == Feed::kFourTasks) {
+    in.task_ids = task_ids(shape[0]).cview();
+  }
+  Tensor<float, Cpu> logits;
+  if constexpr (LayerT<Cfg>::kTask) {
+    if (feed == Feed::kOneTaskFixed) {
+      logits = l.task_logits(ctx);
+      in.task_logits = logits.cview();
+    }
+  }
   const tmoe::TensorView<float, Cpu> out = output(n).view().reshape(shape);
   typename LayerT<Cfg>::Cache cache;
   l.forward(ctx, in, out, cache);  // sizes the cache's buffers and gives the plan the counters read
-  const auto [flops, bytes] = work_of<Cfg>(cache);
+  const auto [flops, bytes] = work_of<Cfg>(cache, feed != Feed::kOneTaskFixed);
   std::vector<Bytes> weights;
   for (const auto& p : l.parameters()) weights.push_back({p.view.data(), p.view.numel() * std::int64_t{sizeof(float)}});
   const double bw = time_calls(state, cold, weights, out.data(), [&] { l.forward(ctx, in, out, cache); });
@@ -307,7 +320,7 @@ void BM_Stage_TokenExperts(benchmark::State& state) {
   const std::int64_t rows = cache.plan.rows();
   Tensor<float, Cpu> xd({rows, kModel}), hidden({rows, kFF}), yo({rows, kModel});
   std::copy_n(cache.dispatched.data(), rows * kModel, xd.data());
-  const auto [flops, bytes] = work_of<Cfg>(cache);
+  const auto [flops, bytes] = work_of<Cfg>(cache, true);
   const double router = 2.0 * static_cast<double>(n) * kModel * E;
   for (auto _ : state) {
     moe::experts_forward<Relu, float, E>(ctx, yo.data(), hidden.data(), nullptr, xd.data(), l.wi().data(),
@@ -375,7 +388,11 @@ template <template <int> class Cfg, int E>
 void add_expert_count(const std::string& family, Feed feed) {
   add_layer<Cfg<E>>(family, feed, kTokenCounts);
   add_layer<Cfg<E>>(family, feed, kSmallTokenCounts, true);
-  if (feed == Feed::kOneTask) add_layer<Cfg<E>>("BM_MoE_Task4", Feed::kFourTasks, kTask4TokenCounts);
+  if (feed == Feed::kOneTask) {
+    add_layer<Cfg<E>>("BM_MoE_TaskFixed", Feed::kOneTaskFixed, kSmallTokenCounts);
+    add_layer<Cfg<E>>("BM_MoE_TaskFixed", Feed::kOneTaskFixed, kSmallTokenCounts, true);
+    add_layer<Cfg<E>>("BM_MoE_Task4", Feed::kFourTasks, kTask4TokenCounts);
+  }
   if (feed == Feed::kTokens && E == 32) {  // the stage breakdown reuses the E=32 layer before it is freed
     add("BM_Stage_TokenGating/E:32", BM_Stage_TokenGating<32>)->ArgName("tokens")->Arg(64)->Arg(4096);
     add("BM_Stage_TokenExperts/E:32", BM_Stage_TokenExperts<32>)->ArgName("tokens")->Arg(64)->Arg(4096);

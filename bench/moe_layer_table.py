@@ -72,6 +72,14 @@ def small_batch_grid(med, prefix, key, label):
                 cells.append("%.2f%s" % (f, "" if f >= 0.7 else " **FAIL**"))
             print("| %s | %d | %s |" % (g.lower(), e, " | ".join(cells)))
     print("\n%d of %d small-batch cases reach 70%% (%s, %s)" % (passed, total, prefix, key))
+    fixed = {(e, n): "%s_TaskFixed/E:%d/tokens:%d" % (prefix, e, n) for e in (8, 32, 128) for n in (1, 8, 64)}
+    if all(n in med for n in fixed.values()):
+        print("\ntask routing with every task's logits computed once (Input::task_logits), the same grid:\n\n"
+              "| granularity | E | 1 token | 8 tokens | 64 tokens |\n|---|---:|---:|---:|---:|")
+        for e in (8, 32, 128):
+            cells = ["%.2f%s" % (med[fixed[(e, n)]][key], "" if med[fixed[(e, n)]][key] >= 0.7 else " **FAIL**")
+                     for n in (1, 8, 64)]
+            print("| task, fixed logits | %d | %s |" % (e, " | ".join(cells)))
 
 
 if __name__ == "__main__":

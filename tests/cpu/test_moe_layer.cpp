@@ -312,6 +312,80 @@ TEST_SUITE("moe_layer") {
     check_against_reference(*free, 1e-12);
   }
 
+  TEST_CASE_TEMPLATE("task routing: every task's logits computed once (Input::task_logits) give the same call", S,
+                     double, float) {
+    using Real = moe::router_t<S>;
+    using Cfg = moe::Config<route::Task, Experts<7>, TopK<2>, CapacityFactor<1>>;  // inference: the task path
+    constexpr std::int64_t B = 3, T = 11, C = 19, Tasks = 5;
+    CpuContext ctx{2};
+    moe::Layer<Cfg, S, Cpu> layer({.d_model = C, .d_ff = 23, .num_tasks = Tasks});
+    layer.init(31);
+    Tensor<S, Cpu> x({B, T, C}), y({B, T, C}), y_fixed({B, T, C});
+    test::fill_uniform<S>(x.view(), 32, -1.5, 1.5);
+    Tensor<std::int32_t, Cpu> tasks({B, T}), seg({B, T});
+    for (std::int64_t n = 0; n < B * T; ++n) {
+      tasks.data()[n] = static_cast<std::int32_t>((n * 3 + n / T) % Tasks);  // interleaved
+      seg.data()[n] = n % T < T - n / T ? 1 : 0;                            // rows of 11, 10 and 9 tokens
+    }
+
+    // The logits against a plain double loop over the parameters.
+    const Tensor<Real, Cpu> logits = layer.task_logits(ctx);
+    REQUIRE(logits.shape() == Shape{Tasks, 7});
+    const auto emb = test::to_double<S>(layer.task_embedding());
+    const auto gate = test::to_double<S>(layer.gate_weight());
+    for (std::int64_t t = 0; t < Tasks; ++t) {
+      for (std::int64_t e = 0; e < 7; ++e) {
+        double want = 0;
+        for (std::int64_t c = 0; c < C; ++c) {
+          want += emb[static_cast<std::size_t>(t * C + c)] * gate[static_cast<std::size_t>(e * C + c)];
+        }
+        CHECK(static_cast<double>(logits.data()[t * 7 + e]) == doctest::Approx(want).epsilon(1e-5));
+      }
+    }
+
+    typename moe::Layer<Cfg, S, Cpu>::Cache plain, fixed;
+    layer.forward(ctx, {.x = x, .segment_ids = seg, .task_ids = tasks}, y, plain);
+    for (auto& v : y_fixed.view().span()) v = S(12345);
+    layer.forward(ctx, {.x = x, .segment_ids = seg, .task_ids = tasks, .task_logits = logits}, y_fixed, fixed);
+    CHECK(fixed.task_path);
+    CHECK(std::memcmp(y.data(), y_fixed.data(), y.bytes()) == 0);
+    CHECK(std::memcmp(plain.plan.expert.data(), fixed.plan.expert.data(), plain.plan.expert.bytes()) == 0);
+    CHECK(std::memcmp(plain.probs.data(), fixed.probs.data(), plain.probs.bytes()) == 0);
+
+    // The layer routes by the logits it is given: make task 2 prefer experts 6, then 0.
+    Tensor<Real, Cpu> steered({Tasks, 7});
+    std::copy_n(logits.data(), logits.numel(), steered.data());
+    for (std::int64_t e = 0; e < 7; ++e) steered.data()[2 * 7 + e] = Real(-5);
+    steered.data()[2 * 7 + 6] = Real(9);
+    steered.data()[2 * 7 + 0] = Real(8);
+    layer.forward(ctx, {.x = x, .segment_ids = seg, .task_ids = tasks, .task_logits = steered}, y_fixed, fixed);
+    std::int64_t task2 = 0;
+    for (std::int64_t n = 0; n < B * T; ++n) {
+      if (tasks.data()[n] != 2 || seg.data()[n] == 0) continue;
+      ++task2;
+      CHECK(fixed.plan.expert.data()[n * 2] == 6);
+      CHECK(fixed.plan.expert.data()[n * 2 + 1] == 0);
+    }
+    CHECK(task2 > 0);
+
+    // Misuse: a wrong shape, a training call, a layer that does not route by task.
+    Tensor<Real, Cpu> wrong({Tasks + 1, 7});
+    CHECK_THROWS_WITH_AS(
+        layer.forward(ctx, {.x = x, .task_ids = tasks, .task_logits = wrong}, y_fixed, fixed),
+        "moe::Layer::forward: task_logits must have shape [5, 7] but has shape [6, 7]", ShapeError);
+    CHECK_THROWS_WITH_AS(layer.forward(ctx, {.x = x, .task_ids = tasks, .task_logits = logits}, y_fixed, fixed,
+                                       {.training = true}),
+                         "moe::Layer::forward: Input::task_logits is for inference; training computes the logits "
+                         "from the weights it updates",
+                         Error);
+    moe::Layer<moe::Config<route::Sentence, Experts<7>>, S, Cpu> sentence({.d_model = C, .d_ff = 23});
+    typename moe::Layer<moe::Config<route::Sentence, Experts<7>>, S, Cpu>::Cache sc;
+    CHECK_THROWS_WITH_AS(sentence.forward(ctx, {.x = x, .task_logits = logits}, y_fixed, sc),
+                         "moe::Layer::forward: Input::task_logits is for task-routed layers; this one routes by "
+                         "sentence",
+                         Error);
+  }
+
   TEST_CASE("random second expert: fixed seed matches the reference, evaluation uses every choice") {
     using Cfg = moe::GShardPaper<route::Token, 5>;
     auto o = options(MoeOptions::Route::kToken, 5, 2);

@@ -2,8 +2,10 @@
 // drops) exactly, at every granularity and capacity mode, E in {5, 32, 160}, and the edges.
 #include <doctest/doctest.h>
 
+#include <cstring>
 #include <string>
 #include <vector>
+#include <utility>
 
 #include "moe_batch.cuh"
 
@@ -158,6 +160,72 @@ TEST_SUITE("cuda.moe") {
     compare<TaskCfg<32>>(40, 56, 0, make_batch(4, 1, 40, 48, false, false, 4), false, 4, false);
     compare<TaskCfg<32>>(40, 56, 0, make_batch(1, 2, 40, 50, false, false, 4), false, 4, true);
     compare<TaskCfg<160>>(48, 40, 0, make_batch(2, 2, 48, 49, true, false, 1), false, 1, false);
+  }
+
+  TEST_CASE("task routing: every task's logits computed once (Input::task_logits) match the CPU and the plain call") {
+    CudaContext ctx;
+    CpuContext cpu{2};
+    const moe::LayerOptions opt{.d_model = 40, .d_ff = 56, .num_tasks = 5};
+    moe::Layer<TaskCfg<32>, float, Cpu> ref(opt);
+    ref.init(23);
+    moe::Layer<TaskCfg<32>, float, Cuda> gpu(opt);
+    gpu.copy_parameters_from(ctx, ref);
+    const Tensor<float, Cpu> want_logits = ref.task_logits(cpu);
+    const Tensor<float, Cuda> logits = gpu.task_logits(ctx);
+    const double lerr = test::rel_error_vs<float, float>(ctx, logits.cview(), want_logits.cview());
+    CAPTURE(lerr);
+    CHECK(lerr < 1e-5);
+
+    // Small ranges (the few-rows kernel) and large ones (cuBLAS), with and without the ids on the host.
+    for (const auto& shape : {std::pair<std::int64_t, std::int64_t>{4, 1}, {3, 29}}) {
+      const std::int64_t B = shape.first, T = shape.second;
+      CAPTURE(B);
+      const Batch batch = make_batch(B, T, 40, 61, T > 1, false, 5);
+      Tensor<float, Cpu> want(batch.x.shape());
+      moe::Layer<TaskCfg<32>, float, Cpu>::Cache cache;
+      moe::Input<float, Cpu> in{.x = batch.x, .task_ids = batch.tasks};
+      if (batch.segments.data() != nullptr) in.segment_ids = batch.segments;
+      ref.forward(cpu, in, want, cache);
+
+      auto dx = to_device(ctx, batch.x);
+      auto dtask = to_device(ctx, batch.tasks);
+      Tensor<std::int32_t, Cuda> dseg;
+      moe::Input<float, Cuda> din{.x = dx, .task_ids = dtask};
+      if (batch.segments.data() != nullptr) {
+        dseg = to_device(ctx, batch.segments);
+        din.segment_ids = dseg;
+      }
+      Tensor<float, Cuda> plain(batch.x.shape()), fixed(batch.x.shape());
+      moe::Layer<TaskCfg<32>, float, Cuda>::Cache gcache;
+      gpu.forward(ctx, din, plain, gcache);
+      for (const bool host_ids : {false, true}) {
+        CAPTURE(host_ids);
+        din.task_logits = logits;
+        din.host_task_ids = host_ids ? batch.tasks.cview() : ConstTensorView<std::int32_t, Cpu>{};
+        poison(ctx, fixed.view());
+        gpu.forward(ctx, din, fixed, gcache);
+        const double err = test::rel_error_vs<float, float>(ctx, fixed.cview(), want.cview());
+        CAPTURE(err);
+        CHECK(err < 1e-5);
+        require_equal(moe::to_host(ctx, gcache.plan).expert, cache.plan.expert, "expert");
+        // Bit for bit the plain GPU call: the same logits reach the same kernels.
+        const Tensor<float, Cpu> a = to_host(ctx, plain.cview()), b = to_host(ctx, fixed.cview());
+        CHECK(std::memcmp(a.data(), b.data(), a.bytes()) == 0);
+      }
+    }
+
+    // Misuse: a wrong shape, a training call.
+    const Batch batch = make_batch(2, 3, 40, 62, false, false, 5);
+    auto dx = to_device(ctx, batch.x);
+    auto dtask = to_device(ctx, batch.tasks);
+    Tensor<float, Cuda> out(batch.x.shape()), wrong({5, 31});
+    moe::Layer<TaskCfg<32>, float, Cuda>::Cache gcache;
+    CHECK_THROWS_WITH_AS(gpu.forward(ctx, {.x = dx, .task_ids = dtask, .task_logits = wrong}, out, gcache),
+                         "moe::Layer::forward: task_logits must have shape [5, 32] but has shape [5, 31]",
+                         ShapeError);
+    CHECK_THROWS_AS(gpu.forward(ctx, {.x = dx, .task_ids = dtask, .task_logits = logits}, out, gcache,
+                                {.training = true}),
+                    Error);
   }
 
   TEST_CASE("edges: zero tokens, one expert, K equal to E, all tokens to one expert (capacity overflow)") {

@@ -198,6 +198,8 @@ class Layer<Config, Scalar, Cuda> {
   void forward(CudaContext& ctx, const Input<Scalar, Cuda>& in, TensorView<Scalar, Cuda> out, Cache& cache,
                const ForwardArgs& args = {}) const {
     const Layout lay = validate(in, out);
+    [[maybe_unused]] const Real* fixed_task_logits =
+        checked_task_logits(in, Route::name, args.training, options_.num_tasks, E);
     const std::int64_t N = lay.rows * lay.columns, C = options_.d_model;
     cache.x = in.x;
     cache.training = args.training;
@@ -216,7 +218,7 @@ class Layer<Config, Scalar, Cuda> {
     if constexpr (kTask) {
       const bool task_path = Config::dropless && (K == 1 || !Config::second_expert_type::random);
       if (task_path || !args.training) {
-        forward_task_ranges(ctx, in, lay, out, cache, args.training);
+        forward_task_ranges(ctx, in, lay, out, cache, args.training, fixed_task_logits);
         return;
       }
       task_gate_rows(ctx, in, lay, cache);
@@ -260,6 +262,14 @@ class Layer<Config, Scalar, Cuda> {
     }
     route(ctx, cache, N, args);
     forward_permuted(ctx, in.x.data(), out.data(), cache, args.training);
+  }
+
+  /// Every task's router logits (num_tasks, E) on the device (task routing), as the CPU layer's task_logits: pass
+  /// them as Input::task_logits to inference calls until the next weight update.
+  [[nodiscard]] Tensor<Real, Cuda> task_logits(CudaContext& ctx) const requires kTask {
+    Tensor<Real, Cuda> logits({options_.num_tasks, E});
+    router_gemm(ctx, logits.data(), task_embedding_.value.cview());
+    return logits;
   }
 
   /// One task's K experts and weights (task routing), as the CPU layer's task_route; waits for the stream.
@@ -771,7 +781,9 @@ class Layer<Config, Scalar, Cuda> {
     w.reserve<Real>(T * E * 2 + T * K * 2);
     w.reserve<std::int32_t>(T * K);
   }
-  DeviceRoutes device_routes(CudaContext& ctx, backend::cuda::WorkspaceCarver& w) const requires kTask {
+  /// Every task's routes on the device, from `fixed_logits` (num_tasks, E) when given, else from the weights.
+  DeviceRoutes device_routes(CudaContext& ctx, backend::cuda::WorkspaceCarver& w,
+                             const Real* fixed_logits = nullptr) const requires kTask {
     const std::int64_t T = options_.num_tasks;
     Real* logits = w.take<Real>(T * E * 2 + T * K * 2);
     Real* probs = logits + T * E;
@@ -781,7 +793,12 @@ class Layer<Config, Scalar, Cuda> {
     r.probs = probs;
     r.weights = top_val + T * K;
     r.top_idx = w.take<std::int32_t>(T * K);
-    router_gemm(ctx, logits, task_embedding_.value.cview());
+    if (fixed_logits != nullptr) {
+      TMOE_CUDA_CHECK(cudaMemcpyAsync(logits, fixed_logits, static_cast<std::size_t>(T * E) * sizeof(Real),
+                                      cudaMemcpyDeviceToDevice, ctx.stream()));
+    } else {
+      router_gemm(ctx, logits, task_embedding_.value.cview());
+    }
     backend::cuda::moe_kernels::softmax_top_k_kernel<E, K, Real>
         <<<backend::cuda::blocks_for(T * 32, 256), 256, 0, ctx.stream()>>>(logits, probs, top_val, r.top_idx, T);
     TMOE_CUDA_CHECK_LAUNCH("softmax_top_k_kernel");
@@ -828,7 +845,8 @@ class Layer<Config, Scalar, Cuda> {
   /// Task path: each task's tokens as one contiguous range through K dense FFNs. Gathers the tokens by task first when
   /// the batch does not hold them contiguously.
   void forward_task_ranges(CudaContext& ctx, const Input<Scalar, Cuda>& in, const Layout& lay,
-                           TensorView<Scalar, Cuda> out, Cache& cache, bool training) const requires kTask {
+                           TensorView<Scalar, Cuda> out, Cache& cache, bool training,
+                           const Real* fixed_logits) const requires kTask {
     namespace mk = backend::cuda::moe_kernels;
     using backend::cuda::GemmOperand;
     cudaStream_t stream = ctx.stream();
@@ -838,7 +856,7 @@ class Layer<Config, Scalar, Cuda> {
     backend::cuda::WorkspaceCarver w;
     reserve_routes(w, options_.num_tasks);
     w.start(ctx.workspace(w.bytes()));
-    const DeviceRoutes routes = device_routes(ctx, w);
+    const DeviceRoutes routes = device_routes(ctx, w, fixed_logits);
     const std::vector<std::int32_t> gate_row = task_gate_rows(ctx, in, lay, cache);
 
     // The plan of the task path: every valid token's K choices, all dispatched. Capacity groups as on the CPU (they

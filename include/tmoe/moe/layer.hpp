@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -94,11 +95,37 @@ struct Input {
   /// tokens. Step-by-step decoding passes the mean of the layer's inputs over the prefix decoded so far (the
   /// sentence mean cannot be causal otherwise; paper-spec 1.3). A forward given it cannot be followed by backward.
   ConstTensorView<Scalar, Device> sentence_repr{};
+  /// Task routing, inference only: (num_tasks, E) every task's router logits, as Layer::task_logits returns them.
+  /// A task's routing does not depend on the input, so a caller that runs many inference calls between weight
+  /// updates (a decoder, a server) computes them once and the layer skips its gate projection, which reads the whole
+  /// E x d_model gate on every call. The result is bit for bit the same as without them, as long as they were
+  /// computed from the current weights: compute them again after every update (tmoe's decoding does, per batch).
+  ConstTensorView<router_t<Scalar>, Device> task_logits{};
   /// Task routing on the GPU only: the same ids as task_ids, already on the host. The task path then reads nothing
   /// back from the device (a small batch of one task runs without synchronizing). Every id here must be a valid
   /// task, padding included. The CPU layer ignores it.
   ConstTensorView<std::int32_t, Cpu> host_task_ids{};
 };
+
+/// Input::task_logits of a call, checked; nullptr when the call brings none.
+/// @throws Error when given to a layer that does not route by task (`routing` names its routing) or to a training
+///         call; ShapeError when not (tasks, experts).
+template <class Scalar, DeviceTag Device>
+const router_t<Scalar>* checked_task_logits(const Input<Scalar, Device>& in, std::string_view routing, bool training,
+                                            std::int64_t tasks, std::int64_t experts) {
+  const char* op = "moe::Layer::forward";
+  if (in.task_logits.data() == nullptr && in.task_logits.rank() == 0) return nullptr;
+  if (routing != "task") {
+    throw Error(std::string(op) + ": Input::task_logits is for task-routed layers; this one routes by " +
+                std::string(routing));
+  }
+  if (training) {
+    throw Error(std::string(op) + ": Input::task_logits is for inference; training computes the logits from the "
+                "weights it updates");
+  }
+  require_shape(op, "task_logits", in.task_logits, Shape{tasks, experts});
+  return in.task_logits.data();
+}
 
 /// One task's routing decision in a task-routed layer: its K experts (best first) and their combine weights.
 template <class Real, int K>
@@ -217,6 +244,8 @@ class Layer<Config, Scalar, Cpu> {
   void forward(CpuContext& ctx, const Input<Scalar, Cpu>& in, TensorView<Scalar, Cpu> out, Cache& cache,
                const ForwardArgs& args = {}) const {
     const TokenLayout layout = validate(in, out);
+    [[maybe_unused]] const bool fixed_task_logits =
+        checked_task_logits(in, Route::name, args.training, options_.num_tasks, E) != nullptr;
     const std::int64_t N = layout.tokens(), C = options_.d_model;
     const Scalar* x = in.x.data();
     cache.x = in.x;
@@ -252,7 +281,11 @@ class Layer<Config, Scalar, Cpu> {
       task_gate_rows(layout, in.task_ids.data(), task_ids_per_token(in.task_ids, layout.rows), options_.num_tasks, gate_row,
                      "moe::Layer::forward");
       cache.logits.resize({options_.num_tasks, E});
-      Ops<Cpu>::gemm<Real>(ctx, cache.logits, task_embedding_.value, Trans::kN, gate_weight_.value, Trans::kT);
+      if (fixed_task_logits) {
+        std::copy_n(in.task_logits.data(), options_.num_tasks * E, cache.logits.data());
+      } else {
+        Ops<Cpu>::gemm<Real>(ctx, cache.logits, task_embedding_.value, Trans::kN, gate_weight_.value, Trans::kT);
+      }
     }
     cache.probs.resize(cache.logits.shape());
     Ops<Cpu>::softmax<Real>(ctx, cache.probs, cache.logits);
@@ -275,6 +308,17 @@ class Layer<Config, Scalar, Cpu> {
     }
   }
 
+  /// Every task's router logits (num_tasks, E) = task embedding x gate projection^T (task routing): all of a task's
+  /// routing that depends on the weights. Pass them as Input::task_logits to inference calls until the next weight
+  /// update.
+  [[nodiscard]] Tensor<Real, Cpu> task_logits(CpuContext& ctx) const
+    requires kTask
+  {
+    Tensor<Real, Cpu> logits({options_.num_tasks, E});
+    Ops<Cpu>::gemm<Real>(ctx, logits, task_embedding_.value, Trans::kN, gate_weight_.value, Trans::kT);
+    return logits;
+  }
+
   /// The routing decision of one task (task routing): the same softmax, top-K (ties to the lower expert) and
   /// normalization as forward, with nothing dropped. Extraction folds these weights into the experts.
   /// @throws ShapeError if `task` is not in [0, num_tasks).
@@ -285,8 +329,8 @@ class Layer<Config, Scalar, Cpu> {
       throw ShapeError("moe::Layer::task_route: unknown task id " + std::to_string(task) + "; expected an id in [0, " +
                        std::to_string(options_.num_tasks) + ")");
     }
-    Tensor<Real, Cpu> logits({options_.num_tasks, E}), probs({options_.num_tasks, E});
-    Ops<Cpu>::gemm<Real>(ctx, logits, task_embedding_.value, Trans::kN, gate_weight_.value, Trans::kT);
+    const Tensor<Real, Cpu> logits = task_logits(ctx);
+    Tensor<Real, Cpu> probs({options_.num_tasks, E});
     Ops<Cpu>::softmax<Real>(ctx, probs, logits);
     TaskRoute<Real, K> r;
     task_choice(probs.data() + task * E, r.experts.data(), r.weights.data());

@@ -141,10 +141,26 @@ struct FfnSublayer {
   /// MoE layer's inputs over the prefix (each step routes by the prefix mean; paper-spec 1.3's caveat).
   struct StepState {
     Cache c;
-    Tensor<Scalar, Cpu> prefix_sum;  // (B, C), sentence routing
-    Tensor<Scalar, Cpu> repr;        // (B, C) prefix mean
+    Tensor<Scalar, Cpu> prefix_sum;                 // (B, C), sentence routing
+    Tensor<Scalar, Cpu> repr;                       // (B, C) prefix mean
+    Tensor<moe::router_t<Scalar>, Cpu> task_logits;  // (tasks, E), task routing: computed once per decode
     std::int64_t steps = 0;
   };
+
+  static constexpr bool kTask = [] {
+    if constexpr (kMoe) {
+      return std::is_same_v<typename Ffn::Route, route::Task>;
+    } else {
+      return false;
+    }
+  }();
+
+  /// Starts a decode: a task-routed layer's routing is fixed while its weights are, so every task's router logits
+  /// are computed here once instead of at every step.
+  void begin_steps(CpuContext& ctx, StepState& st) const {
+    st.steps = 0;
+    if constexpr (kTask) st.task_logits = ffn.task_logits(ctx);
+  }
 
   /// y (B, C) = x + FFN(LN(x)) for one new token per row, at inference.
   void step(CpuContext& ctx, ConstTensorView<Scalar, Cpu> x, TensorView<Scalar, Cpu> y, StepState& st,
@@ -156,7 +172,10 @@ struct FfnSublayer {
     ln.forward(ctx, x, c.normed.view().reshape({B, C}), c.ln);
     if constexpr (kMoe) {
       moe::Input<Scalar, Cpu> in{.x = c.normed, .segment_ids = a.active};
-      if constexpr (std::is_same_v<typename Ffn::Route, route::Task>) in.task_ids = a.task_ids;
+      if constexpr (kTask) {
+        in.task_ids = a.task_ids;
+        in.task_logits = st.task_logits;
+      }
       if constexpr (kSentence) {
         if (st.steps == 0 || st.prefix_sum.numel() != B * C) {
           st.prefix_sum.resize({B, C});
@@ -360,7 +379,7 @@ class DecoderBlock {
     const std::int64_t B = memory.dim(0), C = memory.dim(2);
     MultiHeadAttention<Scalar, Cpu>::reserve(st.self, B, max_steps, C);
     cross_.attn.project_memory(ctx, memory, st.cross);
-    st.ffn.steps = 0;
+    ffn_.begin_steps(ctx, st.ffn);
   }
 
   /// y (B, C) from the new token's state x (B, C): the last position of forward() on the whole prefix.
