@@ -199,7 +199,7 @@ class Layer<Config, Scalar, Cuda> {
                const ForwardArgs& args = {}) const {
     const Layout lay = validate(in, out);
     [[maybe_unused]] const Real* fixed_task_logits =
-        checked_task_logits(in, Route::name, args.training, options_.num_tasks, E);
+        checked_task_logits<Route>(in, args.training, options_.num_tasks, E);
     const std::int64_t N = lay.rows * lay.columns, C = options_.d_model;
     cache.x = in.x;
     cache.training = args.training;

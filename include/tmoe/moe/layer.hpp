@@ -33,7 +33,6 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
-#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -107,17 +106,17 @@ struct Input {
   ConstTensorView<std::int32_t, Cpu> host_task_ids{};
 };
 
-/// Input::task_logits of a call, checked; nullptr when the call brings none.
-/// @throws Error when given to a layer that does not route by task (`routing` names its routing) or to a training
-///         call; ShapeError when not (tasks, experts).
-template <class Scalar, DeviceTag Device>
-const router_t<Scalar>* checked_task_logits(const Input<Scalar, Device>& in, std::string_view routing, bool training,
-                                            std::int64_t tasks, std::int64_t experts) {
+/// Input::task_logits of a call to a layer routed by Route, checked; nullptr when the call brings none.
+/// @throws Error when given to a layer that does not route by task or to a training call; ShapeError when not
+///         (tasks, experts).
+template <class Route, class Scalar, DeviceTag Device>
+const router_t<Scalar>* checked_task_logits(const Input<Scalar, Device>& in, bool training, std::int64_t tasks,
+                                            std::int64_t experts) {
   const char* op = "moe::Layer::forward";
   if (in.task_logits.data() == nullptr && in.task_logits.rank() == 0) return nullptr;
-  if (routing != "task") {
+  if constexpr (!std::is_same_v<Route, route::Task>) {
     throw Error(std::string(op) + ": Input::task_logits is for task-routed layers; this one routes by " +
-                std::string(routing));
+                Route::name);
   }
   if (training) {
     throw Error(std::string(op) + ": Input::task_logits is for inference; training computes the logits from the "
@@ -245,7 +244,7 @@ class Layer<Config, Scalar, Cpu> {
                const ForwardArgs& args = {}) const {
     const TokenLayout layout = validate(in, out);
     [[maybe_unused]] const bool fixed_task_logits =
-        checked_task_logits(in, Route::name, args.training, options_.num_tasks, E) != nullptr;
+        checked_task_logits<Route>(in, args.training, options_.num_tasks, E) != nullptr;
     const std::int64_t N = layout.tokens(), C = options_.d_model;
     const Scalar* x = in.x.data();
     cache.x = in.x;

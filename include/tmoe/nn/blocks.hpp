@@ -97,13 +97,17 @@ void select_rows(Tensor<T, Cpu>& t, const std::vector<std::int64_t>& rows, Tenso
 template <class Ffn, class Scalar>
 struct FfnSublayer {
   static constexpr bool kMoe = impl::is_moe_layer_v<Ffn>;
-  static constexpr bool kSentence = [] {
+  /// Whether the FFN is an MoE layer routed by R.
+  template <class R>
+  static constexpr bool routes_by() {
     if constexpr (kMoe) {
-      return std::is_same_v<typename Ffn::Route, route::Sentence>;
+      return std::is_same_v<typename Ffn::Route, R>;
     } else {
       return false;
     }
-  }();
+  }
+  static constexpr bool kSentence = routes_by<route::Sentence>();
+  static constexpr bool kTask = routes_by<route::Task>();
   struct Cache {
     LayerNormCache<Scalar, Cpu> ln;
     typename Ffn::Cache ffn;
@@ -146,14 +150,6 @@ struct FfnSublayer {
     Tensor<moe::router_t<Scalar>, Cpu> task_logits;  // (tasks, E), task routing: computed once per decode
     std::int64_t steps = 0;
   };
-
-  static constexpr bool kTask = [] {
-    if constexpr (kMoe) {
-      return std::is_same_v<typename Ffn::Route, route::Task>;
-    } else {
-      return false;
-    }
-  }();
 
   /// Starts a decode: a task-routed layer's routing is fixed while its weights are, so every task's router logits
   /// are computed here once instead of at every step.
